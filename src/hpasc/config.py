@@ -1,0 +1,266 @@
+"""Typed experiment configs: one YAML file per experiment, loaded into frozen dataclasses.
+
+An unknown key, a wrong type or a bad value is a ``ConfigError`` that names the file and the key.
+``key.sub=value`` overrides (values parsed as YAML) apply on top of the file. ``save_config`` writes the
+resolved config that a run folder keeps beside its weights; inference reads only that file.
+
+Each section belongs to one part of the pipeline; add a field to the section that uses it (with a
+default, so older run folders still load).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .fsutil import write_text_atomic
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None  # competition data root (train/, train.csv); None -> hpasc.paths.data_root()
+    train_csv: str = "train.csv"  # relative to root unless absolute
+    folds_csv: str = "folds.csv"  # ID,Label,fold
+    work_dir: str = "work"  # caches: masks/, cells/ (segmentation and crops are computed once)
+    truth_csv: str | None = None  # cell-level truth (synthetic data) -> competition mAP in validation
+    max_images: int | None = None  # use only the first N images (smoke runs)
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    backend: str = "classic"  # classic | hpacellseg | cellpose
+    scale: float = 0.25  # working scale of the backend relative to full resolution
+    min_cell_area: int = 0  # full-resolution pixels; 0 -> backend default scaled to the image
+    min_nucleus_area: int = 0
+    nuclei_weights: str | None = None  # hpacellseg: dpn_unet_nuclei_v1.pth
+    cell_weights: str | None = None  # hpacellseg: dpn_unet_cell_3ch_v1.pth
+    cellpose_model: str | None = None  # cellpose: local model file (never downloaded)
+    cellpose_diameter: float | None = None  # None -> automatic
+    flow_threshold: float = 0.7
+    cellprob_threshold: float = -5.0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class CellsConfig:
+    size: int = 128  # crop side fed to the model
+    padding: float = 0.05  # box padding as a fraction of the box side
+    neighbours: str = "zero"  # keep | zero | blur: what happens to other cells inside the box
+    selection: str = "single_label"  # single_label | all
+    balance: bool = False  # class-balanced sampling
+    balance_cap: float = 10.0  # max over-sampling factor of a rare class
+    max_cells_per_image: int | None = None
+    mean: tuple[float, ...] = (0.08, 0.08, 0.08, 0.08)  # per channel, on [0, 1] data
+    std: tuple[float, ...] = (0.12, 0.12, 0.12, 0.12)
+    augment: str = "standard"  # preset name: none | light | standard | strong
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "efficientnet_b0"  # any timm model name
+    pretrained: str | None = None  # local weights file; nothing is ever downloaded
+    embedding_dim: int = 128
+    dropout: float = 0.2
+    image_head: bool = False  # extra image-level head over the cells of an image
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    bce_weight: float = 1.0
+    triplet_weight: float = 0.5  # lambda
+    triplet_margin: float = 0.3
+    label_smoothing: float = 0.0
+    focal_gamma: float = 0.0  # 0 -> plain BCE
+    class_weights: tuple[float, ...] | None = None  # 19 values
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    accum_steps: int = 1
+    grad_clip: float | None = 5.0
+    ema: float | None = None  # decay, e.g. 0.999
+    patience: int | None = None  # early stopping on validation mAP
+    seed: int = 42
+    num_workers: int = 2
+    amp: bool = True  # only on CUDA
+    device: str = "auto"
+    folds: tuple[int, ...] = (0, 1, 2, 3, 4)  # trained by --fold all
+    max_steps_per_epoch: int | None = None
+    out_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    recipe: str = "cell_x_image"  # see hpasc.confidence
+    alpha: float = 0.5  # exponent of the image-level probability
+    image_agg: str = "mean"  # mean | max | topk | vote | head
+    topk: int = 3
+    border_weight: float = 0.0  # 0 -> off; down-weights border cells by relative area
+    negative: str = "max"  # how class 18 is formed: keep | max | complement
+    tta: tuple[str, ...] = ("none",)  # none | hflip | vflip | rot90 | rot180 | rot270
+    batch_size: int = 128
+    floor: float = 0.0  # confidences below are not written
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    cells: CellsConfig = field(default_factory=CellsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a field annotation (supports the types used above)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: may not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and bad types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> plain dict of YAML-friendly values (tuples become lists)."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``["train.epochs=3", "model.name=resnet50"]`` -> ``[("train.epochs", 3), ...]``."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def load_config(path: os.PathLike | str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                cls: type = Config) -> Any:
+    """YAML file (or none: defaults) + overrides -> typed config.
+
+    The config's ``name`` defaults to the file's stem, so ``configs/b0.yaml`` runs in ``runs/b0/``.
+    """
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        if cls is Config:
+            data.setdefault("name", path.stem)
+    for key, value in parse_overrides(overrides):
+        _set_path(data, key, value)
+    return from_dict(cls, data, where)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """Copy of a (frozen) config with dotted-path changes: ``replace(cfg, **{"train.epochs": 2})``."""
+    tree = to_dict(cfg)
+    for key, value in changes.items():
+        _set_path(tree, key, value)
+    return from_dict(type(cfg), tree)
+
+
+def save_config(cfg: Any, path: os.PathLike | str) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,134 @@
+"""Reading and writing 4-channel HPA images.
+
+One in-memory convention whatever the source: ``read_image`` returns an ``H x W x 4`` float32 array in
+(red, green, blue, yellow) order with values in [0, 1] — 8-bit files are divided by 255, 16-bit files by
+65535 (the test set's 16-bit PNGs then match their 8-bit training twins). Sources are
+``{ID}_{color}.png`` (8 or 16 bit), ``.tif``/``.tiff`` and ``.jpg`` (public HPA data; an RGB jpg is
+reduced to its brightest component).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .fsutil import atomic_path
+
+CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+cv2.setNumThreads(1)  # parallelism comes from the callers (workers), not from inside each decode
+
+
+class ImageReadError(OSError):
+    """A channel file is missing, unreadable or does not fit the other channels. Names the file."""
+
+    def __init__(self, path: os.PathLike | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def channel_path(folder: os.PathLike | str, image_id: str, color: str) -> Path:
+    """The existing file of one channel, trying the known extensions in order."""
+    folder = Path(folder)
+    for ext in EXTENSIONS:
+        path = folder / f"{image_id}_{color}{ext}"
+        if path.is_file():
+            return path
+    raise ImageReadError(folder / f"{image_id}_{color}.png", "missing channel file")
+
+
+def _to_unit_float(arr: np.ndarray, path: Path) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) * np.float32(1.0 / 255.0)
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) * np.float32(1.0 / 65535.0)
+    if arr.dtype.kind == "f":
+        return np.clip(arr.astype(np.float32), 0.0, 1.0)
+    raise ImageReadError(path, f"unsupported pixel type {arr.dtype}")
+
+
+def read_channel(path: os.PathLike | str) -> np.ndarray:
+    """One channel file -> H x W float32 in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(path, "missing channel file")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            arr = tifffile.imread(path)
+        except Exception as exc:  # tifffile raises many types for corrupt files
+            raise ImageReadError(path, f"unreadable TIFF ({exc})") from exc
+    else:
+        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if arr is None:
+            raise ImageReadError(path, "unreadable or truncated image file")
+    arr = np.asarray(arr)
+    if arr.ndim == 3:  # RGB(A) rendering of a single channel: keep the brightest component
+        arr = arr[..., :3].max(axis=2)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ImageReadError(path, f"expected a 2-D single-channel image, got shape {arr.shape}")
+    return _to_unit_float(arr, path)
+
+
+def read_image(folder: os.PathLike | str, image_id: str) -> np.ndarray:
+    """``{folder}/{image_id}_{red,green,blue,yellow}.*`` -> H x W x 4 float32 in [0, 1]."""
+    paths = [channel_path(folder, image_id, c) for c in CHANNELS]
+    first = read_channel(paths[0])
+    out = np.empty(first.shape + (4,), dtype=np.float32)
+    out[..., 0] = first
+    for k, path in enumerate(paths[1:], start=1):
+        chan = read_channel(path)
+        if chan.shape != first.shape:
+            raise ImageReadError(
+                path, f"size {chan.shape[1]}x{chan.shape[0]} differs from {paths[0].name} "
+                f"({first.shape[1]}x{first.shape[0]})")
+        out[..., k] = chan
+    return out
+
+
+def image_size(folder: os.PathLike | str, image_id: str) -> tuple[int, int]:
+    """(height, width) of an image from its red channel's header, without decoding pixels (PNG)."""
+    path = channel_path(folder, image_id, "red")
+    if path.suffix.lower() == ".png":
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+        if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n":
+            width = int.from_bytes(head[16:20], "big")
+            height = int.from_bytes(head[20:24], "big")
+            return height, width
+        raise ImageReadError(path, "not a PNG file")
+    return read_channel(path).shape
+
+
+def to_uint(image: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Float image in [0, 1] -> uint8 or uint16 (rounded)."""
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    top = 255.0 if bits == 8 else 65535.0
+    dtype = np.uint8 if bits == 8 else np.uint16
+    return np.clip(np.rint(np.asarray(image, np.float32) * top), 0, top).astype(dtype)
+
+
+def write_png_atomic(path: os.PathLike | str, array: np.ndarray) -> None:
+    """Write a 2-D uint8/uint16 array as PNG through a temp file + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
+
+
+def write_image(folder: os.PathLike | str, image_id: str, image: np.ndarray, bits: int = 8) -> None:
+    """H x W x 4 float image in [0, 1] -> four ``{ID}_{color}.png`` files of the given bit depth."""
+    if image.ndim != 3 or image.shape[2] != 4:
+        raise ValueError(f"expected H x W x 4, got {image.shape}")
+    data = to_uint(image, bits)
+    for k, color in enumerate(CHANNELS):
+        write_png_atomic(Path(folder) / f"{image_id}_{color}.png", np.ascontiguousarray(data[..., k]))
