@@ -1,0 +1,52 @@
+"""``hpasc score`` and ``hpasc validate``: the competition format on the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("score", help="competition mAP of a submission against cell-level truth")
+    p.add_argument("truth", help="truth CSV: ID,ImageWidth,ImageHeight,PredictionString (labels mask pairs)")
+    p.add_argument("submission", help="submission CSV")
+    p.add_argument("--verified", choices=("gt", "all"), default="gt",
+                   help="gt (default): ignore predictions of classes absent from an image's truth; "
+                   "all: count them as false positives")
+    p.add_argument("--iou", type=float, default=0.6, help="mask IoU needed for a match (default 0.6)")
+    p.add_argument("--json", action="store_true", help='print one line {"mAP": ..., "per_class_ap": {...}}')
+    p.set_defaults(func=_score)
+
+    v = subparsers.add_parser("validate", help="check a submission file against the sample submission")
+    v.add_argument("submission", help="submission CSV")
+    v.add_argument("--sample-submission", required=True, help="the competition's sample_submission.csv")
+    v.set_defaults(func=_validate)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from ..metric import ScoreError, score
+    from ..submission import SubmissionError
+
+    try:
+        result = score(args.truth, args.submission, verified=args.verified, iou_threshold=args.iou)
+    except (ScoreError, SubmissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from ..submission import SubmissionError, validate_submission
+
+    try:
+        problems = validate_submission(args.submission, args.sample_submission)
+    except SubmissionError as exc:  # the sample itself is unusable
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.submission}")
+        return 1
+    print(f"{args.submission}: OK")
+    return 0
