@@ -7,6 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(path: os.PathLike | str):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``."""
@@ -16,6 +20,7 @@ def atomic_path(path: os.PathLike | str):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
