@@ -1,0 +1,32 @@
+"""``hpasc segment``."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment every image of a folder into 16-bit cell/nucleus PNGs")
+    p.add_argument("images_dir", metavar="IMAGES_DIR", help="folder of {ID}_{red,green,blue,yellow} files")
+    p.add_argument("--out", required=True, metavar="MASKS_DIR", help="writes {ID}.png and {ID}_nuclei.png")
+    p.add_argument("--backend", default=None, help="classic (default) | hpacellseg | cellpose")
+    p.add_argument("--ids", default=None, metavar="CSV", help="only the IDs of this CSV (ID column)")
+    p.add_argument("--workers", type=int, default=1, help="images segmented in parallel")
+    p.add_argument("--overlay", action="store_true", help="also save outline pictures in MASKS_DIR/overlay")
+    p.add_argument("--config", default=None, help="experiment YAML whose segmentation section is used")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (repeatable), e.g. segmentation.cell_weights=/w/cell.pth")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..segmentation import segment_folder
+    from ..segmentation.folder import list_image_ids, read_id_list
+
+    overrides = list(args.overrides) + ([f"segmentation.backend={args.backend}"] if args.backend else [])
+    cfg = load_config(args.config, overrides).segmentation
+    done = segment_folder(args.images_dir, args.out, cfg, ids=args.ids, workers=args.workers,
+                          overlay=args.overlay)
+    wanted = len(read_id_list(args.ids) if args.ids else list_image_ids(args.images_dir))
+    print(f"{len(done)} of {wanted} images segmented in {args.out}")
+    return 0 if len(done) == wanted else 1
