@@ -1,0 +1,93 @@
+"""The Kaggle kernel in a simulated /kaggle tree, its offline install step, metadata and dataset packing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hpasc.paths import COMPETITION, MODELS_DATASET, WHEELS_DATASET
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "kernels" / "hpasc-inference"
+BUILD = REPO / "kernels" / "build_datasets.sh"
+
+
+def load_kernel_module():
+    spec = importlib.util.spec_from_file_location("hpasc_kernel", KERNEL_DIR / "kernel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the kernel only runs under __main__
+    return module
+
+
+def test_metadata_is_a_kaggle_kernel_with_offline_sources():
+    meta = json.loads((KERNEL_DIR / "kernel-metadata.json").read_text())
+    assert meta["code_file"] == "kernel.py" and (KERNEL_DIR / meta["code_file"]).is_file()
+    assert meta["competition_sources"] == [COMPETITION]
+    assert sorted(s.split("/")[1] for s in meta["dataset_sources"]) == sorted([MODELS_DATASET, WHEELS_DATASET])
+    assert meta["enable_internet"] is False and meta["enable_gpu"] is True
+    assert meta["language"] == "python" and meta["kernel_type"] == "script"
+    assert len(meta["id"].split("/")) == 2
+
+
+def test_kernel_installs_from_the_wheels_only_when_import_fails(tmp_path, monkeypatch):
+    kernel = load_kernel_module()
+    assert kernel.WHEELS_DATASET == WHEELS_DATASET
+    calls = []
+    monkeypatch.setattr(kernel.subprocess, "check_call", lambda cmd: calls.append(cmd))
+    kernel.ensure_installed("json")  # importable: nothing installed
+    assert calls == []
+    monkeypatch.setenv("HPASC_KAGGLE_ROOT", str(tmp_path))
+    with pytest.raises(ImportError):  # the fake pip installs nothing, so the import still fails
+        kernel.ensure_installed("hpasc_not_installed_anywhere")
+    (cmd,) = calls
+    assert cmd[:4] == [sys.executable, "-m", "pip", "install"]
+    assert "--no-index" in cmd and cmd[cmd.index("--find-links") + 1] == str(tmp_path / "input" / WHEELS_DATASET)
+    assert cmd[-1] == "hpasc_not_installed_anywhere"
+
+
+def test_build_datasets_packs_runs_into_the_models_layout(tmp_path):
+    from test_predict import make_run
+
+    make_run(tmp_path / "runs", "tiny", 0, seed=1)
+    make_run(tmp_path / "runs", "tiny", 1, seed=2)
+    (tmp_path / "w.yaml").write_text("runs: {tiny: 1.0}\n")
+    out = tmp_path / "dist"
+    subprocess.run(["bash", str(BUILD), "--skip-wheels", "--runs", str(tmp_path / "runs" / "tiny"),
+                    "--weights", str(tmp_path / "w.yaml"), "--out", str(out), "--owner", "me"],
+                   check=True, capture_output=True)
+    models = out / MODELS_DATASET
+    assert sorted(str(p.relative_to(models)) for p in models.rglob("*") if p.is_file()) == [
+        "dataset-metadata.json", "tiny/fold0/best.pt", "tiny/fold0/config.yaml", "tiny/fold1/best.pt",
+        "tiny/fold1/config.yaml", "weights.yaml"]
+    assert json.loads((models / "dataset-metadata.json").read_text())["id"] == f"me/{MODELS_DATASET}"
+
+
+@pytest.mark.slow
+def test_kernel_writes_a_valid_submission_in_a_simulated_kaggle_tree(synth_small, tmp_path):
+    """kernel.py as a subprocess: competition data + models dataset under HPASC_KAGGLE_ROOT."""
+    from hpasc.submission import validate_submission
+    from test_predict import make_run
+
+    root = tmp_path / "kaggle"
+    comp = root / "input" / COMPETITION
+    shutil.copytree(synth_small / "test", comp / "test")
+    shutil.copy(synth_small / "sample_submission.csv", comp / "sample_submission.csv")
+    make_run(tmp_path / "runs", "tiny", 0, seed=1)
+    subprocess.run(["bash", str(BUILD), "--skip-wheels", "--runs", str(tmp_path / "runs"),
+                    "--out", str(root / "input")], check=True, capture_output=True)
+    (root / "working").mkdir()
+    env = {**os.environ, "HPASC_KAGGLE_ROOT": str(root), "HPASC_TIME_BUDGET": "600"}
+    proc = subprocess.run([sys.executable, str(KERNEL_DIR / "kernel.py")], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = root / "working" / "submission.csv"
+    assert validate_submission(out, comp / "sample_submission.csv") == []
+    sub = pd.read_csv(out, keep_default_na=False)
+    assert len(sub) == 3 and (sub["PredictionString"] != "").all()
