@@ -72,6 +72,7 @@ class ModelConfig:
     embedding_dim: int = 128
     dropout: float = 0.2
     image_head: bool = False  # extra image-level head over the cells of an image
+    drop_path_rate: float = 0.0  # stochastic depth of the timm backbone
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class LossConfig:
     label_smoothing: float = 0.0
     focal_gamma: float = 0.0  # 0 -> plain BCE
     class_weights: tuple[float, ...] | None = None  # 19 values
+    image_weight: float = 1.0  # BCE of the image head (model.image_head) against the image labels
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,12 @@ class TrainConfig:
     folds: tuple[int, ...] = (0, 1, 2, 3, 4)  # trained by --fold all
     max_steps_per_epoch: int | None = None
     out_dir: str = "runs"
+    min_lr_ratio: float = 0.01  # cosine schedule ends at lr * min_lr_ratio
+    checkpoint_every: int | None = 50  # optimizer steps between mid-epoch last.pt saves (resume)
+    select_metric: str = "auto"  # best.pt by: auto (comp_map if data.truth_csv else map) | comp_map | map | auc
+    val_batch_size: int | None = None  # None -> 2 x batch_size
+    deterministic: bool = False  # deterministic kernels (resume reproduces an uninterrupted run bit for bit)
+    threads: int | None = None  # torch CPU threads while training (None: torch's default)
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,7 @@ class InferenceConfig:
     tta: tuple[str, ...] = ("none",)  # none | hflip | vflip | rot90 | rot180 | rot270
     batch_size: int = 128
     floor: float = 0.0  # confidences below are not written
+    vote_threshold: float = 0.5  # image_agg vote: a cell votes for a class at this probability
 
 
 @dataclass(frozen=True)

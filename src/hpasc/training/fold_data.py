@@ -1,0 +1,142 @@
+"""A config and a fold -> the training cells and the validation cells, with everything they need.
+
+Segmentation and cropping happen once per dataset and are cached under ``data.work_dir``
+(``masks/train/`` and ``cells/<backend>-s<size>-…/``); each fold then only selects rows of the cache.
+Training uses the selection of ``cells.selection`` over the training folds; validation predicts *every*
+cell of the held-out images (their image labels as weak targets), as the competition does.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import Config
+from ..labels import multihot_matrix
+from ..paths import data_root
+
+
+class TrainDataError(ValueError):
+    """Training data that does not fit the config (missing files, fold without images...)."""
+
+
+@dataclass
+class FoldData:
+    """Crops (memory-mapped cache) plus the rows and targets of one fold's training and validation."""
+
+    crops: np.ndarray  # (N, S, S, 4) uint8, the whole cache
+    table: pd.DataFrame  # one row per crop: ID, cell_id, border, rel_area, Label, fold, ...
+    train_rows: np.ndarray  # crop rows of the training selection
+    train_targets: np.ndarray  # (n_train, 19)
+    val_rows: np.ndarray  # crop rows of all cells of the validation images, image by image
+    val_targets: np.ndarray  # (n_val, 19): the image labels of each cell
+    masks_dir: Path
+    images_dir: Path
+
+    @property
+    def val_table(self) -> pd.DataFrame:
+        return self.table.loc[self.val_rows]
+
+
+def _resolve(path_text: str, root: Path) -> Path | None:
+    """Absolute as given; a relative path under the data root first, then under the working directory."""
+    path = Path(path_text)
+    if path.is_absolute():
+        return path if path.is_file() else None
+    for candidate in (root / path, path):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_folds(cfg: Config) -> pd.DataFrame:
+    """``data.folds_csv`` (ID, Label, fold); made from ``data.train_csv`` into the work dir when absent."""
+    from ..folds import make_folds
+
+    root = data_root(cfg.data.root)
+    folds_path = _resolve(cfg.data.folds_csv, root)
+    if folds_path is None:
+        train_csv = _resolve(cfg.data.train_csv, root)
+        if train_csv is None:
+            raise TrainDataError(f"neither folds ({cfg.data.folds_csv}) nor train csv ({cfg.data.train_csv}) "
+                                 f"found under {root} or the working directory")
+        n_folds = max(max(cfg.train.folds, default=0) + 1, 2)
+        df = pd.read_csv(train_csv, dtype={"ID": str, "Label": str})
+        folds = make_folds(df, n_folds=n_folds, seed=cfg.train.seed, source=str(train_csv))
+        folds_path = Path(cfg.data.work_dir) / "folds.csv"
+        from ..fsutil import atomic_path
+
+        with atomic_path(folds_path) as tmp:
+            folds.to_csv(tmp, index=False)
+    folds = pd.read_csv(folds_path, dtype={"ID": str, "Label": str})
+    missing = [c for c in ("ID", "Label", "fold") if c not in folds]
+    if missing:
+        raise TrainDataError(f"{folds_path}: missing column(s) {', '.join(missing)}; expected ID,Label,fold")
+    if cfg.data.max_images is not None:
+        folds = folds.iloc[:cfg.data.max_images]
+    images_dir = root / "train"
+    if len(folds) and not any(images_dir.glob(f"{folds['ID'].iloc[0]}_*")):
+        raise TrainDataError(f"{folds_path}: image {folds['ID'].iloc[0]} not found in {images_dir} "
+                             "(folds file of another dataset?)")
+    return folds.reset_index(drop=True)
+
+
+def ensure_masks(cfg: Config, ids: list[str], images_dir: Path, masks_dir: Path) -> list[str]:
+    """Segment the training images once; returns the IDs that have masks (failures are left out)."""
+    def done(i: str) -> bool:
+        return (masks_dir / f"{i}.png").is_file() and (masks_dir / f"{i}_nuclei.png").is_file()
+
+    if not all(done(i) for i in ids):
+        from ..segmentation import segment_folder
+
+        segment_folder(images_dir, masks_dir, cfg.segmentation, ids=ids, workers=max(cfg.train.num_workers, 1))
+    have = [i for i in ids if done(i)]
+    if len(have) < len(ids):
+        warnings.warn(f"{len(ids) - len(have)} training image(s) without masks are left out, "
+                      f"e.g. {next(i for i in ids if not done(i))}", stacklevel=2)
+    return have
+
+
+def prepare_cells(cfg: Config, build: bool = True):
+    """The cell cache of the config's training images (built when ``build``, else only loaded)."""
+    from ..cells import build_cell_cache, cell_cache_dir, load_cell_cache
+
+    folds = read_folds(cfg)
+    root = data_root(cfg.data.root)
+    images_dir = root / "train"
+    work = Path(cfg.data.work_dir)
+    masks_dir = work / "masks" / "train"
+    cache_dir = cell_cache_dir(work, cfg.segmentation.backend, cfg.cells)
+    if build:
+        ids = ensure_masks(cfg, folds["ID"].tolist(), images_dir, masks_dir)
+        cache = build_cell_cache(images_dir, masks_dir, ids, cfg.cells, cache_dir, labels=folds,
+                                 workers=max(cfg.train.num_workers, 1))
+    else:
+        cache = load_cell_cache(cache_dir)
+    return cache, images_dir, masks_dir
+
+
+def fold_data(cfg: Config, fold: int, cache, images_dir: Path, masks_dir: Path) -> FoldData:
+    """Split a loaded cell cache into fold ``fold``'s training selection and validation cells."""
+    from ..data import select_cells
+
+    table = cache.table
+    if "fold" not in table:
+        raise TrainDataError(f"{cache.root}: the cell table has no fold column (labels not stored)")
+    labelled = table[table["fold"].notna()]
+    fold_col = labelled["fold"].astype(int)
+    if not (fold_col == fold).any():
+        raise TrainDataError(f"fold {fold}: no validation images (folds present: {sorted(fold_col.unique())})")
+    train_table = labelled[fold_col != fold]
+    train_rows, train_targets = select_cells(train_table, cfg.cells.selection, cfg.cells.max_cells_per_image,
+                                             seed=cfg.train.seed)
+    if len(train_rows) == 0:
+        raise TrainDataError(f"fold {fold}: the selection {cfg.cells.selection!r} left no training cells")
+    val = labelled[fold_col == fold]
+    return FoldData(
+        crops=cache.crops, table=table, train_rows=np.asarray(train_rows, np.int64),
+        train_targets=np.asarray(train_targets, np.float32), val_rows=val.index.to_numpy(np.int64),
+        val_targets=multihot_matrix(val["Label"].astype(str)), masks_dir=masks_dir, images_dir=images_dir)

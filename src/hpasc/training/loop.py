@@ -1,0 +1,310 @@
+"""The training loop of one fold: ``Trainer(cfg, fold_data, run_dir).fit()``.
+
+AdamW with a warm-up + cosine schedule, gradient accumulation and clipping, optional EMA, AMP on CUDA,
+DDP under torchrun, validation each epoch on rank 0, best/last checkpoints, early stopping, and resume
+from the last checkpoint — also from the middle of an epoch, ending with the same weights as an
+uninterrupted run (every random draw is a function of the seed and the position in the run; see
+``sampling``).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import Config, save_config, to_dict
+from ..losses import Criterion
+from ..models import build_model, unwrap
+from .distributed import DistInfo, barrier, broadcast_object, mean_over_ranks
+from .fold_data import FoldData
+from .logs import plot_curves, write_log
+from .sampling import EpochSampler, SeededItems
+from .state import (ModelEma, load_checkpoint, lr_factor, rng_state, save_checkpoint, seed_everything, set_lr,
+                    set_rng_state)
+from .validation import CompetitionScorer, evaluate, write_oof
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in last.pt so a resumed run continues exactly here."""
+
+    epoch: int = 0  # current epoch, 0-based
+    batch: int = 0  # batches of this epoch already trained (a multiple of accum_steps)
+    step: int = 0  # optimizer steps so far
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # bce, triplet, batches this epoch
+    seconds: float = 0.0  # training seconds spent in this epoch before an interruption
+    history: list[dict] = field(default_factory=list)  # log rows of finished epochs
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False  # early stopping fired
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and normalisation parameters (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def select_metric_name(cfg: Config, has_truth: bool) -> str:
+    name = cfg.train.select_metric
+    if name == "auto":
+        return "val_comp_map" if has_truth else "val_map"
+    known = ("comp_map", "map", "auc")
+    if name not in known:
+        raise ValueError(f"train.select_metric={name!r}: expected auto or one of {', '.join(known)}")
+    if name == "comp_map" and not has_truth:
+        raise ValueError("train.select_metric=comp_map needs data.truth_csv (cell-level truth)")
+    return f"val_{name}"
+
+
+class Trainer:
+    """Trains one fold into ``run_dir``; ``fit()`` returns the run folder."""
+
+    def __init__(self, cfg: Config, data: FoldData, run_dir: Path, info: DistInfo | None = None):
+        self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
+        self.info = info or DistInfo()
+        self.device = self.info.device
+        tc = cfg.train
+        if tc.accum_steps < 1 or tc.batch_size < 1 or tc.epochs < 1:
+            raise ValueError("train.batch_size, train.accum_steps and train.epochs must be >= 1")
+        self.metric = select_metric_name(cfg, cfg.data.truth_csv is not None)
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = self.device.type == "cuda" and not tc.deterministic
+        seed_everything(tc.seed)
+        self.amp = tc.amp and self.device.type == "cuda"
+        self.channels_last = self.device.type == "cuda"
+
+        model = build_model(cfg.model).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.ema = ModelEma(model, tc.ema) if tc.ema else None
+        self.optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr)
+        if self.info.distributed:
+            if self.device.type == "cuda":  # per-GPU batches of the big models are small
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.model.image_head)
+        self.model = model
+        self.criterion = Criterion(cfg.loss).to(self.device)
+        # the image head pools the cells of one image: each crop row's image, as an integer code
+        self.image_codes = (torch.from_numpy(pd.factorize(data.table["ID"])[0].astype("int64"))
+                            if cfg.model.image_head else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.loader, self.sampler = self._train_loader()
+        self.batches = self.sampler.batches_per_epoch()
+        self.steps_per_epoch = math.ceil(self.batches / tc.accum_steps)
+        self.total_steps = self.steps_per_epoch * tc.epochs
+        self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
+        self.scorer = None
+        if cfg.data.truth_csv and self.info.is_main:
+            self.scorer = CompetitionScorer(cfg.data.truth_csv, data.val_table, data.masks_dir, cfg)
+        self.progress = Progress()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _train_loader(self) -> tuple[DataLoader, EpochSampler]:
+        from ..data import CellDataset, build_transform, class_balance_weights
+
+        cfg, tc, data = self.cfg, self.cfg.train, self.data
+        dataset = CellDataset(data.crops, data.train_targets, build_transform(cfg.cells, train=True, seed=tc.seed),
+                              indices=data.train_rows)
+        weights = class_balance_weights(data.train_targets, cfg.cells.balance_cap) if cfg.cells.balance else None
+        per_rank = None
+        if tc.max_steps_per_epoch is not None:
+            per_rank = min(len(dataset) // self.info.world, tc.max_steps_per_epoch * tc.accum_steps * tc.batch_size)
+        sampler = EpochSampler(len(dataset), tc.batch_size, tc.seed, weights, self.info.rank, self.info.world,
+                               drop_last=len(dataset) > tc.batch_size, num_samples=per_rank)
+        loader = DataLoader(
+            SeededItems(dataset, tc.seed), batch_size=tc.batch_size, sampler=sampler,
+            num_workers=tc.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=tc.num_workers > 0,
+            # its own generator: creating an epoch's iterator must not consume the global RNG that
+            # drives dropout, or a resumed run would drift from an uninterrupted one
+            generator=torch.Generator().manual_seed(tc.seed))
+        return loader, sampler
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else unwrap(self.model)
+
+    def _save_last(self) -> None:
+        if not self.info.is_main:
+            return
+        p = self.progress
+        save_checkpoint({
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "progress": {k: getattr(p, k) for k in Progress.__dataclass_fields__},
+            "config": to_dict(self.cfg),
+        }, self.run_dir / "last.pt")
+
+    def _resume(self) -> bool:
+        """Load last.pt when there is one; False when starting fresh."""
+        path = self.run_dir / "last.pt"
+        if not path.is_file():
+            return False
+        # on the CPU: RNG states must stay CPU tensors; weights and optimizer state move to their
+        # parameters' device when loaded
+        state = load_checkpoint(path, "cpu")
+        unwrap(self.model).load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict({"weights": state["ema"], "updates": state.get("ema_updates", 0)})
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        set_rng_state(state["rng"])
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume: bool = False, stop_after_steps: int | None = None) -> Path:
+        """Train (or continue) to the end; ``stop_after_steps`` saves last.pt and returns after that many
+        optimizer steps — an interruption on purpose (tests, time-boxed sessions)."""
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        barrier(self.info)
+        if resume:
+            self._resume()
+        threads = torch.get_num_threads()
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
+        try:
+            p = self.progress
+            while p.epoch < self.cfg.train.epochs and not p.stopped:
+                if not self._train_epoch(stop_after_steps):
+                    break
+                self._end_epoch()
+        finally:
+            torch.set_num_threads(threads)
+        return self.run_dir
+
+    def _train_epoch(self, stop_after_steps: int | None) -> bool:
+        """One epoch from ``progress.batch`` on; False when stopped on purpose mid-epoch."""
+        tc, p = self.cfg.train, self.progress
+        self.sampler.set_epoch(p.epoch, p.batch)
+        self.model.train()
+        started = time.perf_counter()
+        bar = tqdm(self.loader, total=self.batches - p.batch, desc=f"{self.cfg.name} epoch {p.epoch + 1}",
+                   unit="batch", disable=None if self.info.is_main else True, leave=False)
+        for batch in bar:
+            accumulating = (p.batch + 1) % tc.accum_steps != 0 and p.batch + 1 < self.batches
+            losses = self._micro_step(batch, accumulating)
+            p.sums[0] += float(losses["bce"])
+            p.sums[1] += float(losses["triplet"])
+            p.sums[2] += 1
+            p.batch += 1
+            if p.batch % tc.accum_steps == 0 or p.batch == self.batches:
+                self._optimizer_step()
+                bar.set_postfix(bce=f"{p.sums[0] / p.sums[2]:.4f}", trip=f"{p.sums[1] / p.sums[2]:.4f}")
+                interrupt = stop_after_steps is not None and p.step >= stop_after_steps
+                every = tc.checkpoint_every
+                if p.batch < self.batches and (interrupt or (every and p.step % every == 0)):
+                    p.seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self._save_last()
+                if interrupt and p.batch < self.batches:
+                    bar.close()
+                    return False
+        bar.close()
+        p.seconds += time.perf_counter() - started
+        return True
+
+    def _micro_step(self, batch: dict, accumulating: bool) -> dict:
+        """Forward + backward of one batch; while ``accumulating`` DDP skips the gradient all-reduce."""
+        x = batch["image"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        sync = self.model.no_sync() if (self.info.distributed and accumulating) else nullcontext()
+        with sync:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                if self.image_codes is None:
+                    outputs = self.model(x)
+                else:
+                    groups = torch.unique(self.image_codes[batch["index"].cpu()], return_inverse=True)[1]
+                    batch["group"] = groups.to(self.device)
+                    outputs = self.model(x, batch["group"])
+                losses = self.criterion(outputs, batch)
+            self.scaler.scale(losses["loss"] / self.cfg.train.accum_steps).backward()
+        if not torch.isfinite(losses["loss"].detach()):
+            raise FloatingPointError(f"{self.cfg.name}: loss is {float(losses['loss'])} at step "
+                                     f"{self.progress.step} (lower train.lr?)")
+        return losses
+
+    def _optimizer_step(self) -> None:
+        tc, p = self.cfg.train, self.progress
+        set_lr(self.optimizer, tc.lr * lr_factor(p.step, self.total_steps, self.warmup_steps, tc.min_lr_ratio))
+        if tc.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(unwrap(self.model))
+        p.step += 1
+
+    def _end_epoch(self) -> None:
+        """Validate (rank 0), log, keep the best weights, decide on early stopping, save last.pt."""
+        tc, p = self.cfg.train, self.progress
+        sums = mean_over_ranks(torch.tensor(p.sums, dtype=torch.float64), self.info).tolist()
+        row = {"epoch": p.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+               "bce": sums[0] / max(sums[2], 1), "triplet": sums[1] / max(sums[2], 1)}
+        if self.info.is_main:
+            started = time.perf_counter()
+            metrics, probs = evaluate(self.eval_model, self.data.crops, self.data.val_rows, self.data.val_targets,
+                                      self.cfg, self.device, self.scorer)
+            row.update(metrics)
+            row["seconds"] = round(p.seconds + time.perf_counter() - started, 2)
+            p.history.append(row)
+            value = row.get(self.metric, math.nan)
+            value = -math.inf if value is None or math.isnan(value) else value
+            if value > p.best or p.best_epoch < 0:
+                p.best, p.best_epoch, p.bad_epochs = value, p.epoch, 0
+                self._save_best(row)
+                write_oof(self.run_dir / "oof.csv", self.data.val_table, probs)
+            else:
+                p.bad_epochs += 1
+            p.stopped = tc.patience is not None and p.bad_epochs >= tc.patience
+            write_log(self.run_dir / "log.csv", p.history)
+            plot_curves(self.run_dir / "curves.png", p.history, f"{self.cfg.name} {self.run_dir.name}")
+            tqdm.write(f"{self.cfg.name} {self.run_dir.name} {_describe(row)}", file=sys.stderr)
+        p.stopped = broadcast_object(p.stopped, self.info)
+        p.epoch, p.batch, p.sums, p.seconds = p.epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
+        self._save_last()
+        barrier(self.info)
+
+    def _save_best(self, row: dict) -> None:
+        save_checkpoint({"model": self.eval_model.state_dict(), "epoch": row["epoch"],
+                         "metrics": {k: float(v) for k, v in row.items()}, "config": to_dict(self.cfg)},
+                        self.run_dir / "best.pt")
+
+
+def _describe(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}"] + [f"{k} {row[k]:.4f}" for k in
+                                         ("bce", "triplet", "val_loss", "val_map", "val_auc", "val_comp_map")
+                                         if k in row and not (isinstance(row[k], float) and math.isnan(row[k]))]
+    return "  ".join(parts) + f"  ({row.get('seconds', 0):.0f} s)"

@@ -1,0 +1,116 @@
+"""A seeded, resumable epoch sampler, and per-item seeding of the augmentations.
+
+For a run killed mid-epoch to resume to the very same weights, every random choice must be a function
+of (seed, epoch, position) rather than of process history:
+
+- the order (or the class-balanced draw) of an epoch comes from a generator seeded by (seed, epoch), and
+  the sampler can start at any batch of it;
+- each item is fetched as ``(epoch, index)`` and ``SeededItems`` reseeds the augmentation for exactly that
+  pair before calling the wrapped dataset — whatever worker process runs it, whenever.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence mixes them well)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+class EpochSampler(Sampler):
+    """Indices of one epoch as ``(epoch, index)`` pairs, sharded over DDP ranks, resumable by batch.
+
+    Uniform shuffling without replacement, or — with ``weights`` — a weighted draw with replacement
+    (class-balanced sampling). The epoch has ``num_samples`` items per rank (default ``n / world``,
+    rounded down to whole batches when ``drop_last``); ``start_batch`` skips batches already trained.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, weights: Sequence[float] | None = None,
+                 rank: int = 0, world: int = 1, drop_last: bool = True, num_samples: int | None = None):
+        if n <= 0:
+            raise ValueError("the sampler needs at least one item")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.weights = None if weights is None else torch.as_tensor(np.asarray(weights, np.float64))
+        if self.weights is not None and (len(self.weights) != n or not bool((self.weights >= 0).all())
+                                         or float(self.weights.sum()) <= 0):
+            raise ValueError(f"sampling weights: need {n} non-negative values with a positive sum")
+        per_rank = num_samples if num_samples is not None else n // world
+        if drop_last and per_rank >= batch_size:
+            per_rank -= per_rank % batch_size
+        self.per_rank = max(per_rank, 1)
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.per_rank, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's item indices for ``epoch`` (all of them, before skipping)."""
+        gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        total = self.per_rank * self.world
+        if self.weights is None:
+            reps = -(-total // self.n)  # whole permutations until the epoch is filled
+            order = torch.cat([torch.randperm(self.n, generator=gen) for _ in range(reps)])[:total]
+        else:
+            order = torch.multinomial(self.weights, total, replacement=True, generator=gen)
+        return order[self.rank::self.world].numpy()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        idx = self.epoch_indices(self.epoch)[self.start_batch * self.batch_size:]
+        return iter([(self.epoch, int(i)) for i in idx])
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.start_batch * self.batch_size, 0)
+
+
+def seed_item(seed: int, epoch: int, index: int, transform: object = None) -> None:
+    """Reseed everything an item's augmentation may draw from, as a function of (seed, epoch, index)."""
+    s = _mix(seed, epoch, index)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+    # albumentations >= 2 keeps its own generators inside Compose, deaf to the global seeds above.
+    if transform is not None and hasattr(transform, "set_random_state"):
+        transform.set_random_state(np.random.default_rng(s), random.Random(s))
+
+
+class SeededItems(Dataset):
+    """Wraps a map-style dataset so that item ``(epoch, i)`` is ``dataset[i]`` with reproducible randomness.
+
+    The wrapped dataset's augmentation pipeline is looked up as its ``transform`` attribute.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self.transform = getattr(dataset, "transform", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if torch.utils.data.get_worker_info() is not None:
+            seed_item(self.seed, epoch, index, self.transform)
+            return self.dataset[index]
+        # In the main process (num_workers 0) the global generators also drive dropout: leave them as
+        # they were, so the model's randomness does not depend on which items were loaded.
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            seed_item(self.seed, epoch, index, self.transform)
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])

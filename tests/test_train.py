@@ -1,0 +1,327 @@
+"""The training loop: schedule, sampler, checkpoints, run folder, resume equivalence, DDP, end to end."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hpasc.config import load_config
+from hpasc.labels import multihot_matrix
+from hpasc.training.fold_data import FoldData, TrainDataError, fold_data, read_folds
+from hpasc.training.sampling import EpochSampler, SeededItems
+from hpasc.training.state import ModelEma, lr_factor, rng_state, set_rng_state
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = (0, 13, 14)  # nucleoplasm (filled nucleus), plasma membrane (rim), mitochondria (stripes)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hand_made_cells(n_images: int = 12, cells: int = 6, size: int = 32, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
+    """Crops whose green channel draws one class pattern per image; 3 folds of images, each with all classes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    patterns = {0: r < size / 5, 13: (r > size / 3) & (r < size / 2.3), 14: np.sin(xx / 1.5) > 0.5}
+    crops, rows = [], []
+    for i in range(n_images):
+        c = CLASSES[i % len(CLASSES)]
+        for k in range(cells):
+            img = rng.integers(0, 40, (size, size, 4)).astype(np.float32)
+            img[..., 2] += 150 * (r < size / 5)
+            img[..., 1] += rng.uniform(120, 200) * patterns[c]
+            crops.append(np.clip(img, 0, 255).astype(np.uint8))
+            rows.append({"ID": f"img{i:02d}", "cell_id": k + 1, "Label": str(c), "fold": (i // 3) % 3,
+                         "border": k == 0, "rel_area": 1.0})
+    return np.stack(crops), pd.DataFrame(rows)
+
+
+def hand_made_fold(fold: int = 0, **kwargs) -> FoldData:
+    crops, table = hand_made_cells(**kwargs)
+    train, val = table[table.fold != fold], table[table.fold == fold]
+    return FoldData(crops, table, train.index.to_numpy(), multihot_matrix(train.Label), val.index.to_numpy(),
+                    multihot_matrix(val.Label), Path("unused-masks"), Path("unused-images"))
+
+
+def tiny_cfg(tmp_path: Path, *overrides: str):
+    return load_config(None, ["model.name=test_efficientnet", "model.embedding_dim=16", "cells.size=32",
+                              "cells.augment=standard", "train.batch_size=8", "train.epochs=2", "train.lr=0.003",
+                              "train.num_workers=0", "train.device=cpu", "train.checkpoint_every=null",
+                              f"train.out_dir={tmp_path / 'runs'}", "name=hand", *overrides])
+
+
+# --------------------------------------------------------------------------- pieces
+
+def test_lr_factor_warmup_then_cosine():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, min_ratio=0.0) == pytest.approx(0.5)  # half-way down the cosine
+    assert lr_factor(100, 100, 10, min_ratio=0.01) == pytest.approx(0.01)
+    assert lr_factor(0, 10, 0) == pytest.approx(1.0)
+
+
+def test_epoch_sampler_order_resume_and_shards():
+    s = EpochSampler(10, batch_size=3, seed=5, drop_last=True)
+    assert len(s) == 9 and s.batches_per_epoch() == 3
+    e0 = [i for _, i in s]
+    assert len(set(e0)) == 9 and all(0 <= i < 10 for i in e0)
+    assert e0 == [i for _, i in EpochSampler(10, 3, seed=5)]  # a function of (seed, epoch)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert {e for e, _ in e1} == {1} and [i for _, i in e1] != e0
+    s.set_epoch(1, start_batch=2)  # resume after two batches: the tail of the same order
+    assert list(s) == e1[6:] and len(s) == 3
+    r0, r1 = EpochSampler(10, 2, 5, rank=0, world=2), EpochSampler(10, 2, 5, rank=1, world=2)
+    a, b = [i for _, i in r0], [i for _, i in r1]
+    assert len(a) == len(b) == 4 and not set(a) & set(b)
+
+
+def test_epoch_sampler_weighted_draws_follow_the_weights():
+    s = EpochSampler(4, batch_size=100, seed=0, weights=[0, 0, 1, 3], num_samples=4000)
+    counts = np.bincount([i for _, i in s], minlength=4)
+    assert counts[0] == counts[1] == 0
+    assert counts[3] / counts[2] == pytest.approx(3, rel=0.15)
+    with pytest.raises(ValueError, match="weights"):
+        EpochSampler(3, 1, 0, weights=[0, 0, 0])
+
+
+def test_seeded_items_repeat_their_augmentation():
+    from hpasc.config import CellsConfig
+    from hpasc.data import CellDataset, build_transform
+
+    crops, _ = hand_made_cells(n_images=1, cells=2)
+    ds = SeededItems(CellDataset(crops, transform=build_transform(CellsConfig(size=32, augment="strong"), True)), 7)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a, b, c = ds[(3, 1)]["image"], ds[(3, 1)]["image"], ds[(4, 1)]["image"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)  # the main process's generators are left alone
+
+
+def test_rng_state_round_trip_through_weights_only_file(tmp_path):
+    import random
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.save({"rng": rng_state()}, tmp_path / "s.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_ema_update_hand_computed():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(model.weight, 0.0)
+    ema = ModelEma(model, decay=0.9)
+    torch.nn.init.constant_(model.weight, 1.0)
+    ema.update(model)  # first update: decay min(0.9, 2/11)
+    d = 2 / 11
+    assert ema.module.weight.item() == pytest.approx(1 - d)
+
+
+# --------------------------------------------------------------------------- the loop
+
+def test_trainer_learns_and_writes_the_run_folder(tmp_path):
+    from hpasc.models import load_run
+    from hpasc.train import train_on
+
+    cfg = tiny_cfg(tmp_path, "train.epochs=4", "cells.augment=light")
+    data = hand_made_fold()
+    run = train_on(cfg, data, tmp_path / "run")
+    for name in ("config.yaml", "best.pt", "last.pt", "log.csv", "oof.csv", "curves.png"):
+        assert (run / name).is_file(), name
+    log = pd.read_csv(run / "log.csv")
+    assert list(log.columns) == ["epoch", "lr", "bce", "triplet", "val_loss", "val_map", "val_auc",
+                                 "val_comp_map", "seconds"]
+    assert log["epoch"].tolist() == [1, 2, 3, 4]
+    assert log["val_comp_map"].isna().all()  # no cell truth here
+    assert log["bce"].iloc[-1] < log["bce"].iloc[0]
+    assert log["val_auc"].iloc[-1] > 0.9  # three patterns anyone can tell apart
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) == len(data.val_rows) and list(oof.columns[:2]) == ["ID", "cell_id"]
+    assert oof.shape[1] == 21 and oof.iloc[:, 2:].to_numpy().max() <= 1
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["epoch"] == int(log.loc[log["val_map"].idxmax(), "epoch"])
+    cfg2, model = load_run(run)
+    assert cfg2.model == cfg.model and not model.training
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path):
+    from hpasc.train import train_on
+
+    cfg = tiny_cfg(tmp_path, "train.accum_steps=2", "train.ema=0.9", "train.epochs=2")
+    data = hand_made_fold()
+    # 36 training cells -> 4 batches of 8 = 2 optimizer steps per epoch
+    full = train_on(cfg, data, tmp_path / "full")
+    part = train_on(cfg, data, tmp_path / "part", stop_after_steps=3)  # killed in the middle of epoch 2
+    state = torch.load(part / "last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 1 and state["progress"]["batch"] == 2 and state["progress"]["step"] == 3
+    train_on(cfg, data, part, resume=True)
+    a, b = _weights(full / "last.pt"), _weights(part / "last.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = torch.load(full / "last.pt", weights_only=True)["ema"]
+    ema_b = torch.load(part / "last.pt", weights_only=True)["ema"]
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    la, lb = pd.read_csv(full / "log.csv"), pd.read_csv(part / "log.csv")
+    cols = ["epoch", "lr", "bce", "triplet", "val_loss", "val_map"]
+    pd.testing.assert_frame_equal(la[cols], lb[cols])
+
+
+def test_early_stopping_and_a_finished_run_resumes_to_nothing(tmp_path):
+    from hpasc.train import train_on
+
+    cfg = tiny_cfg(tmp_path, "train.lr=0.0", "train.patience=1", "train.epochs=5", "loss.triplet_weight=0",
+                   "model.dropout=0.0", "cells.augment=none")
+    run = train_on(cfg, hand_made_fold(), tmp_path / "run")
+    # lr 0: only BatchNorm statistics move, the score soon stops improving; patience 1 stops at the first
+    # epoch that does not beat the best before it
+    scores = pd.read_csv(run / "log.csv")["val_map"].tolist()
+    first_flat = next(e for e in range(1, len(scores) + 1) if e > 1 and scores[e - 1] <= max(scores[:e - 1]))
+    assert len(scores) == first_flat < 5
+    before = (run / "last.pt").stat().st_mtime_ns
+    train_on(cfg, hand_made_fold(), run, resume=True)
+    assert (run / "last.pt").stat().st_mtime_ns == before
+
+
+def test_select_metric_errors(tmp_path):
+    from hpasc.train import train_on
+
+    with pytest.raises(ValueError, match="truth_csv"):
+        train_on(tiny_cfg(tmp_path, "train.select_metric=comp_map"), hand_made_fold(), tmp_path / "run")
+
+
+# --------------------------------------------------------------------------- DDP
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from hpasc.models import unwrap
+    from hpasc.training.distributed import cleanup, init_distributed
+    from hpasc.training.loop import Trainer
+
+    info = init_distributed("cpu")
+    cfg = tiny_cfg(Path(out), "train.epochs=1")
+    trainer = Trainer(cfg, hand_made_fold(), Path(out) / "run", info)
+    trainer.fit()
+    torch.save({"model": unwrap(trainer.model).state_dict(), "steps": trainer.progress.step,
+                "world": info.world}, Path(out) / f"rank{rank}.pt")
+    cleanup(info)
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_train_in_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["world"] == r1["world"] == 2
+    assert r0["steps"] == r1["steps"] == 2  # 36 cells / 2 ranks = 18 -> 2 batches of 8
+    for k, v in r0["model"].items():
+        if v.dtype.is_floating_point and "running" not in k:  # BN statistics stay per process
+            assert torch.equal(v, r1["model"][k]), k
+    assert (tmp_path / "run" / "best.pt").is_file() and not (tmp_path / "run" / "rank1").exists()
+
+
+# --------------------------------------------------------------------------- fold data
+
+def test_read_folds_made_from_train_csv_and_mismatch_error(tmp_path):
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    ids = [f"im{i}" for i in range(6)]
+    for i in ids:
+        (root / "train" / f"{i}_green.png").write_bytes(b"")
+    pd.DataFrame({"ID": ids, "Label": ["0", "1", "0", "1", "0", "1"]}).to_csv(root / "train.csv", index=False)
+    cfg = load_config(None, [f"data.root={root}", f"data.work_dir={tmp_path / 'work'}", "data.folds_csv=nope.csv",
+                             "train.folds=[0, 1]"])
+    folds = read_folds(cfg)
+    assert sorted(folds["ID"]) == ids and set(folds["fold"]) == {0, 1}
+    assert (tmp_path / "work" / "folds.csv").is_file()
+    pd.DataFrame({"ID": ["other"], "Label": ["0"], "fold": [0]}).to_csv(root / "folds.csv", index=False)
+    with pytest.raises(TrainDataError, match="another dataset"):
+        read_folds(load_config(None, [f"data.root={root}"]))
+
+
+def test_fold_data_splits_a_cache(tmp_path):
+    from hpasc.cells import CellCache
+
+    crops, table = hand_made_cells(n_images=6, cells=2)
+    table.loc[table.ID == "img05", "Label"] = "0|13"  # a multi-label image: not single-label
+    cache = CellCache(tmp_path, table, crops, {})
+    cfg = load_config(None, ["cells.selection=single_label"])
+    fd = fold_data(cfg, 1, cache, tmp_path, tmp_path)  # folds: img00-02 -> 0, img03-05 -> 1
+    assert set(table.loc[fd.val_rows, "ID"]) == {"img03", "img04", "img05"}
+    assert set(table.loc[fd.train_rows, "ID"]) == {"img00", "img01", "img02"}
+    assert fd.val_targets.shape == (6, 19) and fd.val_targets[-1, [0, 13]].tolist() == [1, 1]
+    with pytest.raises(TrainDataError, match="no validation images"):
+        fold_data(cfg, 7, cache, tmp_path, tmp_path)
+
+
+# --------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_cli_trains_a_fold_of_synthetic_data_end_to_end(synth_small, tmp_path):
+    from hpasc.cli import main
+    from hpasc.folds import make_folds
+
+    make_folds(pd.read_csv(synth_small / "train.csv"), n_folds=2, seed=0).to_csv(tmp_path / "folds.csv", index=False)
+    args = ["train", str(REPO / "configs" / "tiny.yaml"), "--fold", "1",
+            f"data.root={synth_small}", f"data.folds_csv={tmp_path / 'folds.csv'}", f"data.work_dir={tmp_path}",
+            f"data.truth_csv={synth_small / 'truth' / 'train.csv'}", f"train.out_dir={tmp_path / 'runs'}",
+            "train.epochs=2", "train.num_workers=0", "cells.size=48"]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "tiny" / "fold1"
+    log = pd.read_csv(run / "log.csv")
+    assert len(log) == 2 and log["val_comp_map"].between(0, 1).all()
+    oof = pd.read_csv(run / "oof.csv")
+    val_ids = set(pd.read_csv(tmp_path / "folds.csv").query("fold == 1").ID)
+    assert set(oof.ID) == val_ids  # every validation image, all of its cells
+    cells = pd.read_csv(next((tmp_path / "cells").glob("*/cells.csv")))
+    assert len(oof) == int(cells.ID.isin(val_ids).sum())
+    assert main(args + ["--resume"]) == 0  # finished: nothing to do, still fine
+    assert main(["train", str(REPO / "configs" / "tiny.yaml"), "model.pretrained=/nope.pth",
+                 f"data.root={synth_small}", f"data.folds_csv={tmp_path / 'folds.csv'}",
+                 f"data.work_dir={tmp_path}", f"train.out_dir={tmp_path / 'runs'}", "cells.size=48"]) == 2
+    assert math.isfinite(log["bce"].iloc[-1])
+
+
+def test_image_head_is_trained_on_the_images_of_a_batch(tmp_path):
+    from hpasc.train import train_on
+
+    cfg = tiny_cfg(tmp_path, "model.image_head=true", "train.epochs=1")
+    run = train_on(cfg, hand_made_fold(), tmp_path / "run")
+    first = torch.load(run / "best.pt", weights_only=True)["model"]["image_classifier.weight"]
+    torch.manual_seed(cfg.train.seed)
+    from hpasc.models import build_model
+
+    untrained = build_model(cfg.model).state_dict()["image_classifier.weight"]
+    assert first.shape == (19, untrained.shape[1]) and not torch.equal(first, untrained)
