@@ -1,0 +1,26 @@
+"""``hpasc demo``."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data, end to end on a CPU")
+    p.add_argument("--work", required=True, help="work folder (data, masks, runs, submission, report)")
+    p.add_argument("--train", type=int, default=None, help="synthetic training images")
+    p.add_argument("--test", type=int, default=None, help="synthetic test images")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="training config (default: configs/tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    kwargs = {k: v for k, v in (("n_train", args.train), ("n_test", args.test), ("size", args.size))
+              if v is not None}
+    result = run_demo(args.work, seed=args.seed, config_path=args.config, overrides=tuple(args.overrides),
+                      **kwargs)
+    return 0 if result["beats_baselines"] and not result["validation_problems"] else 1
