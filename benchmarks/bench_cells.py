@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
@@ -20,17 +19,8 @@ import numpy as np
 
 from hpasc.cells import NEIGHBOUR_MODES, cell_boxes, cell_table, extract_crops, padded_window
 from hpasc.io import read_image, write_image
+from common import SHARED_SAMPLE, best_of
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "hpa" / "sample"
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def naive_crops(image: np.ndarray, labels: np.ndarray, size: int, padding: float) -> np.ndarray:
@@ -103,16 +93,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, image_id, labels = synthetic_case(Path(tmp))
         run_case("synthetic", folder, image_id, labels, args.size, args.repeat)
-    if SHARED.is_dir():
-        for mask in sorted(SHARED.glob("*_cellmask.png")):
+    if SHARED_SAMPLE.is_dir():
+        for mask in sorted(SHARED_SAMPLE.glob("*_cellmask.png")):
             image_id = mask.name[: -len("_cellmask.png")]
             labels = cv2.imread(str(mask), cv2.IMREAD_UNCHANGED).astype(np.int32)
-            run_case(f"real {image_id[:8]}", SHARED, image_id, labels, args.size, args.repeat)
+            run_case(f"real {image_id[:8]}", SHARED_SAMPLE, image_id, labels, args.size, args.repeat)
             if args.plot is not None:
-                montage(read_image(SHARED, image_id), labels, args.size, args.plot)
+                montage(read_image(SHARED_SAMPLE, image_id), labels, args.size, args.plot)
                 args.plot = None  # one montage is enough
     else:
-        print(f"(real samples not found at {SHARED})")
+        print(f"(real samples not found at {SHARED_SAMPLE})")
 
 
 if __name__ == "__main__":

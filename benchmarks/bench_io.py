@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from hpasc.io import CHANNELS, read_image, write_image
+from common import SHARED_SAMPLE, best_of
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "hpa" / "sample"
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def compare(name: str, folder: Path, image_id: str, repeat: int) -> None:
@@ -54,8 +44,8 @@ def main() -> None:
             folder = Path(tmp) / f"b{bits}"
             write_image(folder, "x", image, bits=bits)
             compare(f"synthetic {bits}-bit PNG", folder, "x", args.repeat)
-    if SHARED.is_dir():
-        compare("real sample 8-bit PNG", SHARED, "000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0", args.repeat)
+    if SHARED_SAMPLE.is_dir():
+        compare("real sample 8-bit PNG", SHARED_SAMPLE, "000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0", args.repeat)
 
 
 if __name__ == "__main__":

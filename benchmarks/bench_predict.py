@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from common import SHARED_SAMPLE
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "hpa" / "sample"
 
 
 def make_runs(root: Path, n: int) -> Path:
@@ -53,14 +53,14 @@ def make_images(out: Path, n: int, size: int) -> Path:
 
     from hpasc.io import CHANNELS, read_image, write_image
 
-    ids = sorted({p.name.split("_")[0] for p in SAMPLE.glob("*_red.png")}) if SAMPLE.is_dir() else []
+    ids = sorted({p.name.split("_")[0] for p in SHARED_SAMPLE.glob("*_red.png")}) if SHARED_SAMPLE.is_dir() else []
     test = out / "test"
     test.mkdir(parents=True)
     rows = []
     for i in range(n):
         image_id = f"img{i:03d}"
         if ids:
-            image = read_image(SAMPLE, ids[i % len(ids)])
+            image = read_image(SHARED_SAMPLE, ids[i % len(ids)])
             if image.shape[0] != size:
                 image = cv2.resize(image, (size, size), interpolation=cv2.INTER_LINEAR)
             write_image(test, image_id, image, bits=8)

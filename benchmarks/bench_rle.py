@@ -8,15 +8,13 @@ repeats the comparison on the real hpacellseg masks in ../shared/hpa/sample when
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as coco_mask
 
 from hpasc.rle import counts_bytes, encode_label_map, encode_mask, mask_runs
+from common import SHARED_SAMPLE, best_of
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "hpa" / "sample"
 
 
 def synthetic_cells(size: int, n_cells: int, seed: int = 0) -> np.ndarray:
@@ -29,15 +27,6 @@ def synthetic_cells(size: int, n_cells: int, seed: int = 0) -> np.ndarray:
     labels = (np.argmin(d, axis=-1) + 1).astype(np.int32)
     labels[np.min(d, axis=-1) > radius**2] = 0
     return np.repeat(np.repeat(labels, 4, 0), 4, 1)[:size, :size]
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def compare(name: str, labels: np.ndarray, repeat: int) -> None:
@@ -69,7 +58,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     compare("synthetic", synthetic_cells(args.size, args.cells), args.repeat)
-    for path in sorted(SHARED.glob("*_cellmask.png")):
+    for path in sorted(SHARED_SAMPLE.glob("*_cellmask.png")):
         import cv2
 
         compare(f"real {path.name[:8]}", cv2.imread(str(path), cv2.IMREAD_UNCHANGED), args.repeat)

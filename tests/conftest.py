@@ -26,3 +26,14 @@ def synth_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_small")
     synthesize(out, n_train=8, n_test=3, size=256, seed=0)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on 2 shared cores, OpenMP oversubscription slows steps several-fold."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

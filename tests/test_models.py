@@ -14,13 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 BIG = ("efficientnet_b4", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the 2 shared cores are busy with other work, and OpenMP oversubscription hurts."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _marks(name: str):

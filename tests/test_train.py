@@ -21,12 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = (0, 13, 14)  # nucleoplasm (filled nucleus), plasma membrane (rim), mitochondria (stripes)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hand_made_cells(n_images: int = 12, cells: int = 6, size: int = 32, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:

@@ -236,6 +236,20 @@ def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, A
     return out
 
 
+def read_yaml_mapping(path: os.PathLike | str, what: str = "file", error: type[Exception] = ConfigError) -> dict:
+    """A YAML file whose top level is a mapping -> dict; a missing file or bad YAML raises ``error``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: invalid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise error(f"{path}: the top level must be a mapping")
+    return data
+
+
 def load_config(path: os.PathLike | str | None = None, overrides: list[str] | tuple[str, ...] = (),
                 cls: type = Config) -> Any:
     """YAML file (or none: defaults) + overrides -> typed config.
@@ -247,14 +261,7 @@ def load_config(path: os.PathLike | str | None = None, overrides: list[str] | tu
     if path is not None:
         path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = read_yaml_mapping(path, "config file")
         if cls is Config:
             data.setdefault("name", path.stem)
     for key, value in parse_overrides(overrides):

@@ -60,9 +60,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from .config import CellsConfig, Config, ConfigError, InferenceConfig, SegmentationConfig, parse_overrides
+from .config import CellsConfig, Config, ConfigError, InferenceConfig, SegmentationConfig, parse_overrides, read_yaml_mapping
 from .config import replace as replace_config
 from .confidence import combine
 from .fsutil import atomic_path, write_text_atomic
@@ -123,13 +122,8 @@ def expand_runs(run_dirs: Iterable[str | os.PathLike]) -> list[Path]:
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, Any]]:
     """A weights file -> ({run or config name: weight}, inference overrides)."""
     path = Path(path)
-    if not path.is_file():
-        raise PredictError(f"{path}: weights file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PredictError(f"{path}: invalid YAML ({exc})") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+    data = read_yaml_mapping(path, "weights file", PredictError)
+    if not isinstance(data.get("runs"), dict):
         raise PredictError(f"{path}: expected a mapping with a 'runs:' mapping of name -> weight")
     unknown = sorted(set(data) - set(WEIGHTS_KEYS))
     if unknown:
