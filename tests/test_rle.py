@@ -100,6 +100,13 @@ def test_label_map_edge_cases():
     assert list(full) == [7] and counts_bytes(full[7]) == b"0<"  # runs [0, 12]: 12 -> chr(60)
 
 
+def test_label_map_views_and_fortran_order():
+    """Maps come transposed, strided or Fortran-ordered (decode_mask's output order): same bytes."""
+    labels = _blobs(40, 7, seed=8)
+    for view in (labels.T, labels[::2, 1::3], np.asfortranarray(labels), labels[5:30, 3:37]):
+        assert encode_label_map(view) == {int(i): encode_mask(view == i) for i in np.unique(view) if i > 0}
+
+
 @pytest.mark.parametrize(
     "bad", [np.zeros((2, 2, 2), np.int32), np.zeros((3, 3), np.float32), np.array([[0, -1]], np.int64)]
 )

@@ -12,7 +12,8 @@ from hpasc.io import read_image
 from hpasc.labels import NEGATIVE, parse_label
 from hpasc.rle import decode_mask
 from hpasc.synthetic import (
-    assign_cell_labels, generate_image, image_label, label_combinations, make_image, synthesize,
+    SynthesisError, assign_cell_labels, generate_image, image_label, label_combinations, make_image,
+    synthesize,
 )
 from hpasc.synthetic.patterns import PAINTERS, CellCtx
 from hpasc.synthetic.render import SPINDLE
@@ -212,6 +213,48 @@ def test_synthesize_rejects_bad_arguments(tmp_path):
         synthesize(tmp_path, 1, 1, size=64, heterogeneity=-0.1)
     with pytest.raises(ValueError, match=">= 0"):
         synthesize(tmp_path, -1, 1, size=64)
+    with pytest.raises(SynthesisError, match="at least 32 px, got 31"):
+        synthesize(tmp_path / "new", 1, 1, size=31)
+    assert not (tmp_path / "new").exists()  # checked before anything is written
+
+
+def test_rerun_into_the_same_folder_leaves_no_stale_images(tmp_path):
+    out = synthesize(tmp_path / "out", 3, 2, size=64, seed=1)
+    synthesize(out, 2, 1, size=64, seed=2)  # an earlier synth output is replaced, not added to
+    fresh = synthesize(tmp_path / "fresh", 2, 1, size=64, seed=2)
+    assert _digest(out) == _digest(fresh)
+    assert len(list((out / "train").iterdir())) == 2 * 4 and len(list((out / "test").iterdir())) == 4
+
+
+def test_foreign_non_empty_folder_needs_overwrite(tmp_path):
+    out = tmp_path / "real"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "keep_red.png").write_bytes(b"real data")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SynthesisError, match="real: folder is not empty"):
+        synthesize(out, 1, 1, size=64, seed=3)
+    assert (out / "train" / "keep_red.png").is_file()  # refused before touching anything
+    synthesize(out, 1, 1, size=64, seed=3, overwrite=True)
+    fresh = synthesize(tmp_path / "fresh", 1, 1, size=64, seed=3)
+    assert _digest(out) == {**_digest(fresh), "notes.txt": _digest(out)["notes.txt"]}  # only OUTPUTS replaced
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SynthesisError, match="not a folder"):
+        synthesize(tmp_path / "file", 1, 1, size=64)
+
+
+def test_cli_synth_errors_exit_2_without_traceback(tmp_path, capsys):
+    from hpasc.cli import main
+
+    assert main(["synth", str(tmp_path / "small"), "--size", "16"]) == 2
+    assert "size must be at least 32 px, got 16" in capsys.readouterr().err
+    assert not (tmp_path / "small").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x.txt").write_text("x")
+    assert main(["synth", str(tmp_path / "busy"), "--train", "1", "--test", "0", "--size", "32"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "busy"), "--train", "1", "--test", "0", "--size", "32",
+                 "--overwrite"]) == 0
+    assert len(pd.read_csv(tmp_path / "busy" / "train.csv")) == 1
 
 
 def test_cli_synth(tmp_path):

@@ -72,7 +72,10 @@ def write_folds(train_csv: os.PathLike | str, out: os.PathLike | str, n_folds: i
     train_csv = Path(train_csv)
     if not train_csv.is_file():
         raise FoldsError(f"{train_csv}: file not found")
-    df = pd.read_csv(train_csv, dtype={"ID": str, "Label": str})
+    try:
+        df = pd.read_csv(train_csv, dtype={"ID": str, "Label": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise FoldsError(f"{train_csv}: not a readable CSV ({exc})") from None
     folds = make_folds(df, n_folds=n_folds, seed=seed, source=str(train_csv))
     with atomic_path(out) as tmp:
         folds.to_csv(tmp, index=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .. import __version__
@@ -51,6 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # hpasc's own errors (bad config, unreadable image, malformed CSV...) already say which file and
+        # what is wrong: show that, not a traceback. HPASC_DEBUG=1 shows the traceback too.
+        if not _is_user_error(exc) or os.environ.get("HPASC_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """An error raised on purpose by hpasc (its class lives in the package) or a missing file."""
+    return type(exc).__module__.split(".")[0] == "hpasc" or isinstance(exc, FileNotFoundError)
 
 
 if __name__ == "__main__":

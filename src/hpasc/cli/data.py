@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers) -> None:
@@ -24,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--gallery", action="store_true",
                    help="also write OUT/gallery.png: one example cell per class")
+    p.add_argument("--overwrite", action="store_true",
+                   help="use a non-empty OUT that hpasc synth did not write (its train/, test/, truth/ "
+                   "and CSVs are replaced); an earlier synth output is always replaced")
     p.set_defaults(func=_synth)
 
     p = subparsers.add_parser("folds", help="stratified folds.csv (ID,Label,fold) from a train.csv")
@@ -35,19 +39,28 @@ def register(subparsers) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from ..synthetic import synthesize
+    from ..synthetic import SynthesisError, synthesize
 
-    out = synthesize(args.out, args.train, args.test, size=args.size, seed=args.seed,
-                     test_bits=args.test_bits, heterogeneity=args.heterogeneity,
-                     real_sizes=args.real_sizes, workers=args.workers, gallery=args.gallery)
+    try:
+        out = synthesize(args.out, args.train, args.test, size=args.size, seed=args.seed,
+                         test_bits=args.test_bits, heterogeneity=args.heterogeneity,
+                         real_sizes=args.real_sizes, workers=args.workers, gallery=args.gallery,
+                         overwrite=args.overwrite)
+    except SynthesisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.train} train and {args.test} test images to {out}")
     return 0
 
 
 def _folds(args: argparse.Namespace) -> int:
-    from ..folds import write_folds
+    from ..folds import FoldsError, write_folds
 
-    folds = write_folds(args.train_csv, args.out, n_folds=args.n_folds, seed=args.seed)
+    try:
+        folds = write_folds(args.train_csv, args.out, n_folds=args.n_folds, seed=args.seed)
+    except FoldsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     sizes = folds["fold"].value_counts().sort_index().tolist()
     print(f"wrote {args.out}: {len(folds)} images, fold sizes {sizes}")
     return 0

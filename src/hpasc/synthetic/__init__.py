@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from .label_table import label_combinations, sample_label_set
 from .render import SyntheticImage, assign_cell_labels, generate_image, image_label, make_image
-from .world import REAL_TEST_SIZES, synthesize, truth_string
+from .world import REAL_TEST_SIZES, SynthesisError, synthesize, truth_string
 
 __all__ = [
-    "REAL_TEST_SIZES", "SyntheticImage", "assign_cell_labels", "generate_image", "image_label",
+    "REAL_TEST_SIZES", "SynthesisError", "SyntheticImage", "assign_cell_labels", "generate_image",
+    "image_label",
     "label_combinations", "make_image", "sample_label_set", "synthesize", "truth_string",
 ]

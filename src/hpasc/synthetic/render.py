@@ -21,6 +21,7 @@ from .layout import Layout, make_layout
 from .patterns import PAINTERS, CellCtx, microtubules, nucleus_stain, reticulum
 
 SPINDLE = 11
+MIN_SIZE = 32  # below this a field holds too few cells of a visible size to be worth rendering
 
 
 @dataclass
@@ -118,8 +119,8 @@ def _cell_ctx(rng, layout: Layout, idx: int, net: np.ndarray, size: int) -> Cell
 def generate_image(rng_or_seed, size: int, labels, heterogeneity: float = 0.5) -> SyntheticImage:
     """A ``size`` px square image whose cells carry subsets of ``labels`` (see module doc)."""
     rng = as_rng(rng_or_seed)
-    if int(size) < 32:
-        raise ValueError(f"size must be at least 32 px, got {size}")
+    if int(size) < MIN_SIZE:
+        raise ValueError(f"size must be at least {MIN_SIZE} px, got {size}")
     size = int(size)
     wanted = {int(c) for c in labels}
     n_cells = int(rng.integers(10, 33))
