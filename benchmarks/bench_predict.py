@@ -27,7 +27,6 @@ import pandas as pd
 from common import SHARED_SAMPLE
 
 
-
 def make_runs(root: Path, n: int) -> Path:
     import torch
 

@@ -2,7 +2,9 @@
 # Build the two Kaggle datasets the inference kernel attaches (run on a dev machine; needs network for
 # the dependency wheels):
 #   OUT/hpasc-wheels/   the hpasc wheel and wheels of its dependencies (pip install --no-index source)
-#   OUT/hpasc-models/   <config>/fold<k>/{config.yaml,best.pt} of the trained runs (+ weights.yaml)
+#   OUT/hpasc-models/   <config>/fold<k>/{config.yaml,best.pt} of the trained runs (+ weights.yaml, and
+#                       segmentation/ with the weight files the configs name: hpasc.predict.predict_kaggle
+#                       finds them there by file name)
 # each with a dataset-metadata.json, ready for `kaggle datasets create -p OUT/<name> --dir-mode zip`.
 #
 # Usage: kernels/build_datasets.sh [--out DIR] [--runs "runs/b0 runs/resnet50"] [--weights FILE]
@@ -29,7 +31,7 @@ while [ $# -gt 0 ]; do
     --with-torch) with_torch=1; shift ;;
     --skip-wheels) do_wheels=0; shift ;;
     --skip-models) do_models=0; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -39,6 +41,16 @@ if [ -z "$py" ]; then
 fi
 target_py=${KAGGLE_PYTHON:-3.11}
 platform=${KAGGLE_PLATFORM:-manylinux2014_x86_64}
+
+seg_files() {  # config.yaml -> the local files its segmentation settings name, one a line
+  "$py" - "$1" <<'PY'
+import sys, yaml
+seg = (yaml.safe_load(open(sys.argv[1])) or {}).get("segmentation") or {}
+for key in ("nuclei_weights", "cell_weights", "cellpose_model"):
+    if seg.get(key):
+        print(seg[key])
+PY
+}
 
 metadata() {  # folder, slug, title
   cat > "$1/dataset-metadata.json" <<JSON
@@ -59,16 +71,31 @@ if [ "$do_wheels" = 1 ]; then
   # the runtime dependencies of pyproject.toml (torch/torchvision left to the Kaggle image by default)
   reqs="$wheels/requirements.txt"
   "$py" - "$here/pyproject.toml" "$with_torch" > "$reqs" <<'PY'
-import sys, tomllib
+import re, sys, tomllib
 deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
 heavy = ("torch", "torchvision")
 for dep in deps:
-    name = dep.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip()
+    name = re.split(r"[\s<>=!~;\[(]", dep, maxsplit=1)[0].lower()
     if sys.argv[2] == "1" or name not in heavy:
         print(dep)
 PY
-  "$py" -m pip download --dest "$wheels" --only-binary=:all: --python-version "$target_py" \
-    --platform "$platform" --platform manylinux_2_17_x86_64 --platform any -r "$reqs"
+  target=(--only-binary=:all: --python-version "$target_py" --platform "$platform"
+          --platform manylinux_2_17_x86_64 --platform any)
+  # resolve the whole dependency tree for the Kaggle python, then download it without the heavy part:
+  # timm needs torch/torchvision, so a plain `pip download -r` would pull them and the CUDA wheels (GBs)
+  report="$wheels/resolved.json"
+  "$py" -m pip install --dry-run --ignore-installed --quiet --report "$report" "${target[@]}" -r "$reqs"
+  pins="$wheels/pinned.txt"
+  "$py" - "$report" "$with_torch" > "$pins" <<'PY'
+import json, re, sys
+heavy = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*)$")
+for item in json.load(open(sys.argv[1]))["install"]:
+    name = re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()
+    if sys.argv[2] == "1" or not heavy.match(name):
+        print(f"{name}=={item['metadata']['version']}")
+PY
+  "$py" -m pip download --dest "$wheels" --no-deps "${target[@]}" -r "$pins"
+  rm -f "$report"
   metadata "$wheels" hpasc-wheels "hpasc wheels"
   echo "wheels: $(ls "$wheels"/*.whl | wc -l) files in $wheels"
 fi
@@ -86,11 +113,22 @@ if [ "$do_models" = 1 ]; then
       dest="$models/$(basename "$(dirname "$fold")")/$(basename "$fold")"
       mkdir -p "$dest"
       cp "$fold/config.yaml" "$fold/best.pt" "$dest/"
+      seg_files "$fold/config.yaml" >> "$models/.seg_files"
       n=$((n + 1))
     done
   done
   [ "$n" -gt 0 ] || { echo "no trained runs found (give --runs)" >&2; exit 1; }
   [ -z "$weights" ] || cp "$weights" "$models/weights.yaml"
+  # the segmentation weight files the configs name, flat under segmentation/ (found there by file name)
+  sort -u "$models/.seg_files" | while IFS= read -r file; do
+    [ -f "$file" ] || { echo "missing segmentation file $file (named in a run's config.yaml)" >&2; exit 1; }
+    dest="$models/segmentation/$(basename "$file")"
+    if [ -e "$dest" ] && ! cmp -s "$file" "$dest"; then
+      echo "two different segmentation files are named $(basename "$file")" >&2; exit 1
+    fi
+    mkdir -p "$models/segmentation" && cp "$file" "$dest"
+  done
+  rm -f "$models/.seg_files"
   metadata "$models" hpasc-models "hpasc models"
   echo "models: $n runs in $models"
 fi

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from hpasc import confidence
-from hpasc.config import InferenceConfig
 from hpasc.confidence import border_factor, combine, combine_grouped, image_level
+from hpasc.config import InferenceConfig
 
 # three cells: class 0 [0.9, 0.5, 0.1], class 1 [0.2, 0.4, 0.6], Negative [0.1, 0.3, 0.8]; rest 0
 P = np.zeros((3, 19), np.float32)
@@ -16,7 +16,7 @@ P[:, 18] = [0.1, 0.3, 0.8]
 
 
 def cfg(**kw) -> InferenceConfig:
-    base = dict(recipe="cell", alpha=1.0, image_agg="mean", topk=2, border_weight=0.0, negative="keep")
+    base = {"recipe": "cell", "alpha": 1.0, "image_agg": "mean", "topk": 2, "border_weight": 0.0, "negative": "keep"}
     base.update(kw)
     return InferenceConfig(**base)
 

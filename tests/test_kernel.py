@@ -72,8 +72,9 @@ def test_build_datasets_packs_runs_into_the_models_layout(tmp_path):
 @pytest.mark.slow
 def test_kernel_writes_a_valid_submission_in_a_simulated_kaggle_tree(synth_small, tmp_path):
     """kernel.py as a subprocess: competition data + models dataset under HPASC_KAGGLE_ROOT."""
-    from hpasc.submission import validate_submission
     from test_predict import make_run
+
+    from hpasc.submission import validate_submission
 
     root = tmp_path / "kaggle"
     comp = root / "input" / COMPETITION
@@ -85,9 +86,43 @@ def test_kernel_writes_a_valid_submission_in_a_simulated_kaggle_tree(synth_small
     (root / "working").mkdir()
     env = {**os.environ, "HPASC_KAGGLE_ROOT": str(root), "HPASC_TIME_BUDGET": "600"}
     proc = subprocess.run([sys.executable, str(KERNEL_DIR / "kernel.py")], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
+                          text=True, timeout=300, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = root / "working" / "submission.csv"
     assert validate_submission(out, comp / "sample_submission.csv") == []
     sub = pd.read_csv(out, keep_default_na=False)
     assert len(sub) == 3 and (sub["PredictionString"] != "").all()
+
+
+def test_segmentation_weights_are_packed_and_found_again_on_kaggle(tmp_path):
+    """A config naming hpacellseg weights by their training-machine path: build_datasets.sh packs the
+    file under segmentation/, and predict_kaggle's overrides point at that copy once the original is gone."""
+    from test_predict import make_run
+
+    from hpasc.predict.kaggle import relocated_segmentation_files
+
+    train_side = tmp_path / "weights" / "dpn_unet_nuclei_v1.pth"
+    train_side.parent.mkdir()
+    train_side.write_bytes(b"nuclei")
+    make_run(tmp_path / "runs", "seg", 0, seed=1, **{"segmentation.backend": "hpacellseg",
+                                                     "segmentation.nuclei_weights": str(train_side)})
+    out = tmp_path / "dist"
+    subprocess.run(["bash", str(BUILD), "--skip-wheels", "--runs", str(tmp_path / "runs"), "--out", str(out)],
+                   check=True, capture_output=True)
+    models = out / MODELS_DATASET
+    packed = models / "segmentation" / "dpn_unet_nuclei_v1.pth"
+    assert packed.read_bytes() == b"nuclei"
+    runs = [models / "seg" / "fold0"]
+    assert relocated_segmentation_files(runs, models) == []  # the original still exists: left alone
+    train_side.unlink()
+    assert relocated_segmentation_files(runs, models) == [f"nuclei_weights={packed}"]
+
+
+def test_build_datasets_names_a_missing_segmentation_file(tmp_path):
+    from test_predict import make_run
+
+    make_run(tmp_path / "runs", "seg", 0, seed=1, **{"segmentation.backend": "hpacellseg",
+                                                     "segmentation.cell_weights": str(tmp_path / "gone.pth")})
+    proc = subprocess.run(["bash", str(BUILD), "--skip-wheels", "--runs", str(tmp_path / "runs"),
+                           "--out", str(tmp_path / "dist")], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "gone.pth" in proc.stderr

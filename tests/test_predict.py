@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from hpasc import predict as P
-from hpasc.config import Config, InferenceConfig, replace, save_config
 from hpasc.confidence import combine
+from hpasc.config import Config, InferenceConfig, replace, save_config
+from hpasc.predict import chunks, ensemble, runner
 
 TINY = {  # a timm test network at 32 px: milliseconds per batch on a CPU
     "model.name": "test_efficientnet", "model.embedding_dim": 16, "cells.size": 32,
@@ -81,14 +82,14 @@ def test_weights_file_and_member_weights(tmp_path):
     runs = _fake_runs(tmp_path, {"b0": 2, "r50": 1})
     assert [f"{r.parent.name}/{r.name}" for r in runs] == ["b0/fold0", "b0/fold1", "r50/fold0"]
     # no file: each config weighs the same, its folds share it
-    assert P._member_weights(runs, None, "-") == [0.5, 0.5, 1.0]
+    assert ensemble._member_weights(runs, None, "-") == [0.5, 0.5, 1.0]
     path = tmp_path / "w.yaml"
     path.write_text("runs:\n  b0: 0.6\n  r50/fold0: 0.4\nalpha: 0.7\ninference:\n  negative: keep\n")
     weights, overrides = P.read_weights(path)
     assert weights == {"b0": 0.6, "r50/fold0": 0.4} and overrides == {"negative": "keep", "alpha": 0.7}
-    assert P._member_weights(runs, weights, str(path)) == [0.3, 0.3, 0.4]
+    assert ensemble._member_weights(runs, weights, str(path)) == [0.3, 0.3, 0.4]
     with pytest.raises(P.PredictError, match="r50/fold0"):
-        P._member_weights(runs, {"b0": 1.0}, str(path))
+        ensemble._member_weights(runs, {"b0": 1.0}, str(path))
     path.write_text("runs: {b0: -1}\n")
     with pytest.raises(P.PredictError, match="w.yaml.*b0"):
         P.read_weights(path)
@@ -109,7 +110,7 @@ def test_inference_config_overrides_in_order():
 
 def test_cpu_threads_leaves_the_reading_threads_their_cores_and_restores(monkeypatch):
     before = torch.get_num_threads()
-    monkeypatch.setattr(P, "available_cpus", lambda: 8)
+    monkeypatch.setattr(chunks, "available_cpus", lambda: 8)
     with P.cpu_threads("cpu", 3):
         assert torch.get_num_threads() == 5
     assert torch.get_num_threads() == before
@@ -209,6 +210,24 @@ def test_merge_without_shard_files_and_its_errors(tmp_path):
     _write_sub(b, [("z", ""), ("y", "")])
     with pytest.raises(P.PredictError, match="other images"):
         P.merge(tmp_path / "m.csv", [a, b])
+
+
+def test_merge_keeps_the_cell_file_format_when_a_part_has_no_cells(tmp_path):
+    """A shard whose images all failed writes a header-only .cells.csv; the merged file must still be
+    byte-identical to a single run's (an empty part once turned the numbers into Python reprs: 1 -> 1.0)."""
+    from hpasc.rle import encode_mask
+
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    _write_sub(a, [("x", f"0 0.5 {encode_mask(mask)}"), ("y", "")])
+    _write_sub(b, [("x", ""), ("y", "")])
+    header = "ID,cell_id," + ",".join(P.PROB_COLUMNS) + ",border,rel_area\n"
+    row = "".join(f"x,{k}," + ",".join(["0.5"] * 19) + f",False,{area}\n" for k, area in ((1, "0.5"), (2, "1")))
+    P.cells_path(a).write_text(header + row)
+    P.cells_path(b).write_text(header)
+    out = P.merge(tmp_path / "m.csv", [a, b])
+    assert P.cells_path(out).read_text() == header + row
 
 
 # --------------------------------------------------------------------------- end to end on synthetic images
@@ -315,7 +334,7 @@ def test_nan_from_a_model_costs_only_that_image(synth_small, runs, masks, tmp_pa
         calls.append(1)
         return out
 
-    monkeypatch.setattr(P, "predict_chunk", poisoned)
+    monkeypatch.setattr(runner, "predict_chunk", poisoned)
     stats: dict = {}
     with caplog.at_level(logging.WARNING, logger="hpasc.predict"):
         out = run_predict(runs, synth_small, tmp_path / "sub.csv", masks, stats=stats)
@@ -337,7 +356,7 @@ def test_a_model_exception_costs_only_the_images_of_its_chunk(synth_small, runs,
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(*args, **kw)
 
-    monkeypatch.setattr(P, "predict_chunk", broken)
+    monkeypatch.setattr(runner, "predict_chunk", broken)
     stats: dict = {}
     out = run_predict(runs, synth_small, tmp_path / "sub.csv", masks, stats=stats,
                       inference_overrides=["batch_size=8"])  # the first chunk holds only image 0
@@ -397,7 +416,7 @@ def test_an_overrunning_projection_steps_down_the_ladder_and_still_writes_every_
         seen.append((len(members), tuple(tta)))
         return real(members, crops, tta, *args, **kw)
 
-    monkeypatch.setattr(P, "predict_chunk", spy)
+    monkeypatch.setattr(runner, "predict_chunk", spy)
     stats: dict = {}
     with caplog.at_level(logging.WARNING, logger="hpasc.predict"):
         out = run_predict(runs, synth_small, tmp_path / "sub.csv", masks, time_budget=3600.0, stats=stats,

@@ -1,0 +1,147 @@
+"""The models on crops: a chunk of cells through every member x TTA, and the image heads."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import CellsConfig
+from ..labels import NUM_CLASSES
+from .ensemble import TTA_NAMES, Member
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def cpu_threads(device: str, workers: int):
+    """On CPU, give torch the cores the reading threads leave (at least one) for the duration.
+
+    torch's OpenMP threads wait for each other at every layer; when another thread takes one of their
+    cores they stall — measured 6-10x slower per cell with 2 torch threads beside busy reading threads on
+    2 cores, against 1 torch thread pipelining with them.
+    """
+    import torch
+
+    if device != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, available_cpus() - workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def apply_tta(x, name: str):
+    """A test-time augmentation of an (N, C, S, S) batch. Square crops, so rotations keep the shape."""
+    import torch
+
+    if name == "none":
+        return x
+    if name == "hflip":
+        return torch.flip(x, dims=(3,))
+    if name == "vflip":
+        return torch.flip(x, dims=(2,))
+    if name.startswith("rot"):
+        return torch.rot90(x, k=int(name[3:]) // 90, dims=(2, 3))
+    raise ValueError(f"unknown TTA {name!r}; use {' | '.join(TTA_NAMES)}")
+
+
+def crop_key(cells: CellsConfig) -> tuple:
+    """What changes the crop pixels (members sharing it share one extraction)."""
+    return (int(cells.size), float(cells.padding), str(cells.neighbours))
+
+
+class CropTensors:
+    """uint8 crops -> normalised (N, 4, S, S) tensors with each run's own eval transform, built once per
+    distinct cells config."""
+
+    def __init__(self):
+        self._transforms: dict[CellsConfig, Any] = {}
+
+    def __call__(self, crops: np.ndarray, cells: CellsConfig):
+        from ..data import build_transform
+
+        if cells not in self._transforms:
+            self._transforms[cells] = build_transform(cells, train=False)
+        return self._transforms[cells].batch(crops)
+
+
+@dataclass
+class ChunkOutput:
+    probs: np.ndarray  # (n, 19) float64: weighted mean over members x TTA
+    features: dict[tuple[str, str], np.ndarray]  # (member, tta) -> (n, F) pooled features (image heads)
+
+
+def predict_chunk(members: Sequence[Member], crops: dict[tuple, np.ndarray], tta: Sequence[str],
+                  batch_size: int, device: str, tensors: CropTensors, head: bool = False) -> ChunkOutput:
+    """All ``members`` x ``tta`` on up to ``batch_size`` cells (crop key -> (n, S, S, 4) uint8).
+
+    The batch is zero-padded to exactly ``batch_size``: conv kernels are picked by shape, so a cell's
+    output then never depends on how many cells it was batched with (a shard equals the full run bit for
+    bit). Member weights are renormalised over ``members``.
+    """
+    import torch
+
+    n = len(next(iter(crops.values())))
+    if n > batch_size:
+        raise ValueError(f"{n} cells in a chunk of {batch_size}")
+    total = sum(m.weight for m in members)
+    acc = np.zeros((n, NUM_CLASSES), np.float64)
+    features: dict[tuple[str, str], np.ndarray] = {}
+    cuda = device.startswith("cuda")
+    by_cells: dict[CellsConfig, list[Member]] = {}
+    for m in members:
+        by_cells.setdefault(m.cfg.cells, []).append(m)
+    with torch.inference_mode():
+        for cells_cfg, group in by_cells.items():
+            c = crops[crop_key(cells_cfg)]
+            padded = np.zeros((batch_size,) + c.shape[1:], np.uint8)
+            padded[:n] = c
+            x = tensors(padded, cells_cfg)
+            x = (x.pin_memory() if cuda else x).to(device, non_blocking=True)
+            for m in group:
+                for t in tta:
+                    with torch.autocast("cuda" if cuda else "cpu", dtype=torch.float16, enabled=cuda):
+                        out = m.model(apply_tta(x, t).contiguous(memory_format=torch.channels_last))
+                    # sigmoid on the whole padded batch: vectorised and scalar tail paths round
+                    # differently, so slicing first would make a cell's value depend on n
+                    probs = torch.sigmoid(out["logits"].float())[:n].double().cpu().numpy()
+                    acc += (m.weight / total / len(tta)) * probs
+                    if head and m.has_image_head:
+                        features[(m.name, t)] = out["features"][:n].float().cpu().numpy()
+    return ChunkOutput(acc, features)
+
+
+def image_head_probs(members: Sequence[Member], sums: dict[tuple[str, str], np.ndarray],
+                     counts: dict[tuple[str, str], int], device: str) -> np.ndarray | None:
+    """Image-level probabilities (19,) from the image heads: each head sees the mean pooled features of
+    the image's cells (what ``CellClassifier.image_logits`` pools), averaged over TTA and members."""
+    import torch
+
+    by_member: dict[str, list[np.ndarray]] = {}
+    for (name, _t), total in sums.items():
+        by_member.setdefault(name, []).append(total / max(1, counts[(name, _t)]))
+    used = [m for m in members if m.name in by_member]
+    if not used:
+        return None
+    weight = sum(m.weight for m in used)
+    out = np.zeros(NUM_CLASSES, np.float64)
+    with torch.inference_mode():
+        for m in used:
+            for mean in by_member[m.name]:
+                feats = torch.from_numpy(mean[None].astype(np.float32)).to(device)
+                logits = m.model.image_logits(feats, torch.zeros(1, dtype=torch.long, device=device))
+                prob = torch.sigmoid(logits.float()).double().cpu().numpy()[0]
+                out += (m.weight / weight / len(by_member[m.name])) * prob
+    return out.astype(np.float32)

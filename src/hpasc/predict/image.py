@@ -1,0 +1,123 @@
+"""One image: read, segment (or the cached masks), crop and encode; its PredictionString."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..confidence import combine
+from ..config import CellsConfig, InferenceConfig, SegmentationConfig
+from ..labels import NUM_CLASSES
+from ..submission import prediction_string
+from .chunks import crop_key
+
+
+@dataclass
+class Prepared:
+    """One image ready for the models: its crops and mask strings (the pixels are gone)."""
+
+    image_id: str
+    error: str | None = None
+    skipped: bool = False
+    crops: dict[tuple, np.ndarray] = field(default_factory=dict)
+    cell_ids: np.ndarray | None = None
+    encodings: dict[int, str] = field(default_factory=dict)
+    border: np.ndarray | None = None
+    rel_area: np.ndarray | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_cells(self) -> int:
+        return 0 if self.cell_ids is None else len(self.cell_ids)
+
+
+def _segment(image: np.ndarray, image_id: str, seg_cfg: SegmentationConfig, masks_dir: Path | None):
+    """Cached masks when present, else segment (and cache when ``masks_dir`` is given)."""
+    from ..segmentation import Segmentation, cell_stats, read_masks, segment
+    from ..segmentation.folder import mask_paths, write_masks
+
+    if masks_dir is not None and mask_paths(masks_dir, image_id)[0].is_file():
+        cells, nuclei = read_masks(masks_dir, image_id)
+        return Segmentation(cells, nuclei, *cell_stats(cells))
+    seg = segment(image, seg_cfg)
+    if masks_dir is not None:
+        write_masks(masks_dir, image_id, seg)
+    return seg
+
+
+def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cfg: SegmentationConfig,
+                  crop_cfgs: Sequence[CellsConfig], masks_dir: Path | None = None) -> Prepared:
+    """Read, segment, crop and encode one image. Failures become ``Prepared.error`` (never raised)."""
+    from ..cells import extract_crops
+    from ..io import read_image
+    from ..rle import encode_label_map
+
+    out = Prepared(image_id)
+    clock = time.perf_counter
+    try:
+        t = clock()
+        image = read_image(images_dir, image_id)
+        out.seconds["read"] = clock() - t
+        if image.shape[:2] != size:
+            out.error = (f"image is {image.shape[1]}x{image.shape[0]} px but the sample submission says "
+                         f"{size[1]}x{size[0]}")
+            return out
+        t = clock()
+        seg = _segment(image, image_id, seg_cfg, masks_dir)
+        out.seconds["segment"] = clock() - t
+        cells = np.asarray(seg.cells)
+        if cells.shape != size:
+            out.error = f"segmentation has shape {cells.shape}, image {size}"
+            return out
+        t = clock()
+        out.encodings = encode_label_map(cells)
+        out.seconds["encode"] = clock() - t
+        if not out.encodings:
+            out.error = "no cells found"
+            return out
+        t = clock()
+        # row k of the crops and of border/rel_area is cell k+1; an id without pixels (not in a
+        # consecutive map, but cheap to guard) has no mask and is left out
+        ids = np.array(sorted(out.encodings), np.int64)
+        for cells_cfg in crop_cfgs:
+            key = crop_key(cells_cfg)
+            if key not in out.crops:
+                crops = extract_crops(image, cells, cells_cfg.size, cells_cfg.padding, cells_cfg.neighbours)
+                out.crops[key] = crops[ids - 1]
+        del image
+        out.seconds["crop"] = clock() - t
+        out.cell_ids = ids
+        out.border = np.asarray(seg.border, bool)[ids - 1]
+        out.rel_area = np.asarray(seg.rel_area, np.float32)[ids - 1]
+    except Exception as exc:  # noqa: BLE001 - one image must never stop the run
+        out.error = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def image_prediction_string(cells_label_map: np.ndarray, cell_probs: np.ndarray, infer_cfg: InferenceConfig,
+                            border: np.ndarray | None = None, rel_area: np.ndarray | None = None,
+                            image_probs: np.ndarray | None = None) -> str:
+    """One image's label map + cell probabilities -> its PredictionString.
+
+    Row ``k`` of ``cell_probs`` belongs to the k-th smallest cell id of the map (cell k+1 of a consecutive
+    map). The confidence recipe of ``infer_cfg`` is applied, classes under ``infer_cfg.floor`` dropped.
+    """
+    from ..rle import encode_label_map
+
+    encodings = encode_label_map(np.asarray(cells_label_map))
+    ids = np.array(sorted(encodings), np.int64)
+    probs = np.asarray(cell_probs, np.float32)
+    if probs.shape != (len(ids), NUM_CLASSES):
+        raise ValueError(f"cell_probs has shape {probs.shape}; the label map has {len(ids)} cells")
+    return _row(encodings, ids, probs, infer_cfg, border, rel_area, image_probs)
+
+
+def _row(encodings: dict[int, str], ids: np.ndarray, probs: np.ndarray, infer_cfg: InferenceConfig,
+         border, rel_area, image_probs) -> str:
+    if len(ids) == 0:
+        return ""
+    conf = combine(probs, infer_cfg, border, rel_area, image_probs)
+    return prediction_string(encodings, conf, ids, infer_cfg.floor)
