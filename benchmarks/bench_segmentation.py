@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import cv2
@@ -31,18 +30,10 @@ from hpasc.segmentation import postprocess
 from hpasc.segmentation.classic import ClassicBackend, ClassicParams
 from hpasc.segmentation.folder import overlay_image
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "hpa" / "sample"
+from common import SHARED_SAMPLE as SAMPLE, best_of
+
 IDS = ("000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0", "b6a469d8-bbad-11e8-b2ba-ac1f6b6435d0",
        "f0ac7116-bb99-11e8-b2b9-ac1f6b6435d0")
-
-
-def best_of(fn, repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def quick_watershed(image: np.ndarray, scale: float = 0.25) -> np.ndarray:
@@ -99,9 +90,11 @@ def main() -> None:
     print(f"{'image':10s} {'read s':>7s} {'seg s':>7s} {'ratio':>6s} {'cells':>5s} {'truth':>5s} "
           f"{'F1':>6s} {'F1 quick':>8s} {'F1 near':>7s} {'mIoU':>6s} {'mIoU near':>9s}")
     for image_id in IDS:
-        t_read, image = best_of(lambda: read_image(SAMPLE, image_id), args.repeat)
+        t_read = best_of(lambda: read_image(SAMPLE, image_id), args.repeat)
+        image = read_image(SAMPLE, image_id)
         truth = cv2.imread(str(SAMPLE / f"{image_id}_cellmask.png"), cv2.IMREAD_UNCHANGED).astype(np.int32)
-        t_seg, seg = best_of(lambda: segment(image), args.repeat)
+        t_seg = best_of(lambda: segment(image), args.repeat)
+        seg = segment(image)
         assert isinstance(seg, Segmentation)
         quick = quick_watershed(image)
         near = nearest.segment(image)

@@ -40,6 +40,18 @@ def test_cell_boxes_known_rectangles_and_absent_ids():
         cell_boxes(np.zeros((5, 5), np.float32))
 
 
+def test_cell_boxes_match_a_brute_force_on_random_maps():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 12, (37, 53)).astype(np.int32)
+    labels[labels == 5] = 0  # an absent id in the middle
+    boxes = cell_boxes(labels)
+    assert boxes.shape == (11, 4)
+    for k in range(1, 12):
+        rows, cols = np.nonzero(labels == k)
+        expected = [rows.min(), cols.min(), rows.max() + 1, cols.max() + 1] if len(rows) else [0, 0, 0, 0]
+        assert boxes[k - 1].tolist() == expected, k
+
+
 # --------------------------------------------------------------------------- crops
 
 

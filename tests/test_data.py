@@ -137,6 +137,28 @@ def test_every_preset_keeps_shape_channels_and_dtype(preset):
             assert torch.isfinite(x).all()
 
 
+def _leaf_transforms(transforms: list) -> list:
+    """Every transform of a preset, the members of ``OneOf`` groups included."""
+    out = []
+    for t in transforms:
+        out.extend(_leaf_transforms(list(t.transforms)) if hasattr(t, "transforms") else [t])
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(AUGMENTATIONS))
+def test_each_augmentation_alone_keeps_4_float32_channels(preset):
+    """Each transform, forced to fire, on the float32 4-channel data it gets in the pipeline: the final
+    tensor cast would hide a transform that returns float64 or drops a channel, so look before it."""
+    crop = np.random.default_rng(0).uniform(0, 1, (32, 32, 4)).astype(np.float32)
+    for t in _leaf_transforms(AUGMENTATIONS[preset]()):
+        t.p = 1.0
+        t.set_random_seed(0)
+        out = t(image=crop.copy())["image"]
+        name = type(t).__name__
+        assert out.shape == (32, 32, 4) and out.dtype == np.float32, (name, out.shape, out.dtype)
+        assert np.isfinite(out).all() and out.min() >= -1e-6 and out.max() <= 1 + 1e-6, name
+
+
 def test_eval_transform_normalises_per_channel():
     cfg = CellsConfig(mean=(0.1, 0.2, 0.3, 0.4), std=(0.5, 0.25, 0.1, 1.0), augment="strong")
     t = build_transform(cfg, train=False)

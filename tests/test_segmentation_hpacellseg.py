@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -35,7 +36,9 @@ class fake_package:
             sys.modules.pop(mod_name, None)
 
 
-def test_restricted_loader_recovers_tensors_without_the_package(tmp_path):
+@pytest.mark.filterwarnings("error")  # also: no warning about the stand-ins' missing source code
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_restricted_loader_recovers_tensors_without_the_package(tmp_path, zipfile):
     class TinyNet(nn.Module):
         def __init__(self):
             super().__init__()
@@ -47,7 +50,10 @@ def test_restricted_loader_recovers_tensors_without_the_package(tmp_path):
     with fake_package("pytorch_zoo.unet", TinyNet=TinyNet):
         net = TinyNet()
         net.bn.running_mean.fill_(0.5)
-        torch.save(nn.DataParallel(net), path)
+        # the released files may predate torch 1.6's zip format: both layouts must load
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # legacy saving warns that it cannot find the source
+            torch.save(nn.DataParallel(net), path, _use_new_zipfile_serialization=zipfile)
     with pytest.raises(ModuleNotFoundError, match="pytorch_zoo"):
         torch.load(path, weights_only=False)  # the plain loader needs the package
     state = load_pickled_state(path)
@@ -185,3 +191,15 @@ def test_backend_loads_a_pickled_zoo_model_and_runs(tmp_path):
     seg = backend.segment(image)
     assert seg.cells.shape == (48, 80) and seg.cells.dtype == np.int32
     assert seg.border.shape == (seg.n,)
+
+
+def test_label_nuclei_adds_border_probabilities_without_wrapping():
+    """The tool summed the two border maps as uint8: 0.6 + 0.6 (153 + 153) wrapped to 50, which read as
+    'no border' and seeded a nucleus under a strong border. As probabilities the sum is 1.2: no seed."""
+    shape = (120, 120)
+    nuc = np.zeros(shape + (3,), np.float32)
+    cell = np.zeros(shape + (3,), np.float32)
+    nuc[..., 2][_disk(shape, 60, 60, 30)] = 0.95
+    assert label_nuclei(nuc, cell, min_area=100).max() == 1  # a clear nucleus is found
+    nuc[..., 1] = cell[..., 1] = 0.6
+    assert label_nuclei(nuc, cell, min_area=100).max() == 0

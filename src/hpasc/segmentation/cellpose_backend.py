@@ -6,7 +6,10 @@ its default model for a path it cannot find, so the path is checked first.
 
 Input: the image at ``cfg.scale`` as two channels, cytoplasm = mean of red and yellow, nucleus = blue
 (cellpose ``channels=[1, 2]``). ``cfg.cellpose_diameter`` is in full-resolution pixels (scaled with the
-image here); None lets the model use the mean training diameter saved in its file. Cellpose returns
+image here). None means automatic, as in the seeds: when cellpose's size model sits beside the model
+file (its own names: ``<model>_size.npy``, or ``size_<name>.npy`` as for ``cyto3``), the diameter is
+estimated per image from it (cellpose's ``SizeModel``, about three network passes instead of one);
+without one, the model uses the mean training diameter saved in its file. Cellpose returns
 cells only, so the nuclei are the classic backend's nuclear foreground; the shared rules then drop
 cells without a nucleus.
 """
@@ -39,6 +42,15 @@ def import_cellpose():
     return models
 
 
+def size_model_file(model_path: Path) -> Path | None:
+    """The cellpose size model of ``model_path`` under either of cellpose's names, or None."""
+    for candidate in (model_path.with_name(model_path.name + "_size.npy"),
+                      model_path.with_name(f"size_{model_path.name}.npy")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 @register_backend("cellpose")
 class CellposeBackend(Backend):
     """cellpose 3 CPnet from ``cfg.cellpose_model``."""
@@ -58,6 +70,9 @@ class CellposeBackend(Backend):
         device = resolve_device(self.cfg.device)
         self.model = models.CellposeModel(pretrained_model=str(path), device=device, nchan=2,
                                           gpu=device.type == "cuda", mkldnn=False)
+        size_path = None if self.cfg.cellpose_diameter else size_model_file(Path(path))
+        self.size_model = (None if size_path is None
+                           else models.SizeModel(self.model, pretrained_size=str(size_path)))
 
     def segment(self, image: np.ndarray) -> Segmentation:
         h, w = image.shape[:2]
@@ -66,6 +81,8 @@ class CellposeBackend(Backend):
         small = image if size == (w, h) else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         two = np.stack([(small[..., 0] + small[..., 3]) / 2, small[..., 2]], axis=-1).astype(np.float32)
         diameter = self.cfg.cellpose_diameter * scale if self.cfg.cellpose_diameter else None
+        if diameter is None and self.size_model is not None:
+            diameter = float(np.ravel(self.size_model.eval(two, channels=[1, 2], channel_axis=-1)[0])[0])
         masks, _flows, _styles = self.model.eval(
             two, channels=[1, 2], channel_axis=-1, diameter=diameter,
             flow_threshold=self.cfg.flow_threshold, cellprob_threshold=self.cfg.cellprob_threshold)

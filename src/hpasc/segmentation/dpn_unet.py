@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import types
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -187,7 +188,11 @@ def load_pickled_state(path: os.PathLike | str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
     try:
-        root = torch.load(path, map_location="cpu", pickle_module=_PICKLE_MODULE, weights_only=False)
+        with warnings.catch_warnings():
+            # files in torch's legacy (pre-1.6) format carry each module class's source for a check
+            # against the installed class; the stand-ins have none, and nothing is run from them anyway
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
+            root = torch.load(path, map_location="cpu", pickle_module=_PICKLE_MODULE, weights_only=False)
     except Exception as exc:
         raise ValueError(f"{path}: not a readable torch weights file ({type(exc).__name__}: {exc})") from exc
     state: dict[str, torch.Tensor] = {}
