@@ -41,6 +41,32 @@ def test_search_recovers_the_better_member(tmp_path, with_truth):
         assert result.alpha == data.infer_cfg.alpha  # the proxy cannot judge alpha
 
 
+@pytest.mark.parametrize("with_truth", [True, False])
+def test_leave_one_fold_out_exposes_weights_that_only_fit_some_folds(tmp_path, with_truth):
+    # member a is the good one on fold 0 and the noise on fold 1, member b the reverse: weights searched
+    # on one fold pick the member that fails on the other, so the honest estimate falls far below the
+    # in-sample score; with a member good on every fold (the test above) the two agree
+    world = build_world(tmp_path, {"a": good, "b": bad}, n_images=12, n_folds=2, seed=3, with_truth=with_truth)
+    a, b = (world["runs"] / name / "fold1" / "oof.csv" for name in ("a", "b"))
+    swap = tmp_path / "swap.csv"
+    a.rename(swap)
+    b.rename(a)
+    swap.rename(b)
+    data = load_cv_data([world["runs"] / "a", world["runs"] / "b"], progress=False)
+    result = search_weights(data, alphas=(0.0, 0.5, 1.0), steps=10)
+    objective = FoldObjective(data)
+    wrong_member = np.mean([objective(np.array([0.0, 1.0]), result.alpha, [0]),
+                            objective(np.array([1.0, 0.0]), result.alpha, [1])])
+    assert result.lofo_score < result.score - 0.1
+    assert result.lofo_score < wrong_member + 0.1  # about what the fold's wrong member scores alone
+
+    consistent = build_world(tmp_path / "c", {"bad": bad, "good": good}, n_images=12, n_folds=2, seed=3,
+                             with_truth=with_truth)
+    result = search_weights(load_cv_data([consistent["runs"] / "bad", consistent["runs"] / "good"],
+                                         progress=False), alphas=(0.0, 0.5, 1.0), steps=10)
+    assert result.lofo_score > result.score - 0.03
+
+
 def test_objective_is_the_mean_over_folds(tmp_path):
     world = build_world(tmp_path, {"good": good}, n_images=9, n_folds=3, seed=2)
     data = load_cv_data([world["runs"] / "good"], progress=False)

@@ -243,6 +243,18 @@ def test_bad_oof_and_run_folders_name_the_file(tmp_path):
         group_runs([tmp_path / "runs" / "x" / "notafold"])
 
 
+def test_unreadable_labels_csv_names_the_file(tmp_path):
+    from hpasc.cv import read_image_labels
+
+    empty = tmp_path / "labels.csv"
+    empty.write_text("")
+    with pytest.raises(CVError, match=r"labels\.csv: unreadable CSV"):
+        read_image_labels(empty)
+    empty.write_text("ID,fold\na,0\n")
+    with pytest.raises(CVError, match=r"labels\.csv: expected columns ID,Label"):
+        read_image_labels(empty)
+
+
 def test_oof_cell_beyond_the_label_map_is_an_error(tmp_path):
     world = build_world(tmp_path, {"a": perfect}, n_images=4)
     oof = world["runs"] / "a" / "fold0" / "oof.csv"

@@ -63,3 +63,17 @@ def test_bad_log_names_the_file(tmp_path):
     log.write_text("step,bce\n1,0.5\n")
     with pytest.raises(ValueError, match=r"log\.csv: no 'epoch' column"):
         read_log(log)
+    log.write_text("")
+    with pytest.raises(ValueError, match=r"log\.csv: unreadable training log"):
+        read_log(log)
+
+
+def test_example_title_names_the_cells_predictions():
+    from hpasc.report import example_title
+
+    probs = np.zeros(NUM_CLASSES)
+    probs[[0, 5, 16]] = [0.31, 0.9, 0.55]
+    targets = np.zeros(NUM_CLASSES)
+    targets[[0, 16]] = 1
+    assert example_title(probs, targets, 0) == "p=0.31 + [0,16]\npred 5:0.90 16:0.55"
+    assert example_title(probs, targets, 5).startswith("p=0.90 - [0,16]")

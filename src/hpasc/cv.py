@@ -159,7 +159,10 @@ def read_image_labels(path: str | Path) -> dict[str, tuple[int, ...]]:
     path = Path(path)
     if not path.is_file():
         raise CVError(f"{path}: labels file not found")
-    df = pd.read_csv(path, dtype={"ID": str, "Label": str})
+    try:
+        df = pd.read_csv(path, dtype={"ID": str, "Label": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CVError(f"{path}: unreadable CSV ({exc})") from exc
     if not {"ID", "Label"} <= set(df.columns):
         raise CVError(f"{path}: expected columns ID,Label")
     return {i: parse_label(lab) for i, lab in zip(df.ID, df.Label)}

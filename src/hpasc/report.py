@@ -7,8 +7,9 @@
 - ``curves_<config>.png`` — every fold's training curves (losses; validation mAP/AUC) from ``log.csv``;
 - ``cooccurrence.png`` — how often classes share an image in the training labels (row-normalised:
   P(column | row)), which shows which classes the weak image labels cannot tell apart;
-- ``examples.png`` — for each class the cells the ensemble scores highest, with their probability and
-  their image's labels (needs the training images and cached label maps; skipped with a note otherwise).
+- ``examples.png`` — for each class the cells the ensemble scores highest, with their probability, their
+  image's labels and the cell's own top predictions (needs the training images and cached label maps;
+  skipped with a note otherwise).
 
 The page has no external resources (inline CSS, images by relative path), so the folder can be copied or
 zipped as it is. Figures use matplotlib's object API (no pyplot state, no display needed).
@@ -79,7 +80,10 @@ def plot_ap_bars(result: CVResult, path: str | os.PathLike) -> Path:
 def read_log(path: str | os.PathLike) -> pd.DataFrame:
     """A run's ``log.csv`` (must have an ``epoch`` column)."""
     path = Path(path)
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable training log ({exc})") from exc
     if "epoch" not in df.columns:
         raise ValueError(f"{path}: no 'epoch' column in the training log")
     return df
@@ -165,10 +169,19 @@ def pick_examples(data: CVData, probs: np.ndarray, per_class: int) -> dict[int, 
     return picks
 
 
+def example_title(probs: np.ndarray, targets: np.ndarray, cls: int, top: int = 2) -> str:
+    """Caption of one example cell: p(cls), whether its image carries cls (+/-), the image's labels, and
+    the cell's own ``top`` predictions, so a wrong example shows what the model took the cell for."""
+    labels = ",".join(str(c) for c in np.flatnonzero(targets))
+    best = np.argsort(-probs, kind="stable")[:top]
+    preds = " ".join(f"{c}:{probs[c]:.2f}" for c in best)
+    return f"p={probs[cls]:.2f} {'+' if targets[cls] > 0 else '-'} [{labels}]\npred {preds}"
+
+
 def plot_examples(data: CVData, probs: np.ndarray, images_dir: Path, masks_dir: Path, cells_cfg,
                   path: str | os.PathLike, per_class: int = 4) -> Path:
-    """Grid: a row per class, its top cells (crops as the model saw them, ``cells_cfg``) titled with
-    p(class) and the image's labels."""
+    """Grid: a row per class, its top cells (crops as the model saw them, ``cells_cfg``) captioned by
+    ``example_title``."""
     from .cells import extract_crops
     from .io import read_image
     picks = pick_examples(data, probs, per_class)
@@ -184,7 +197,7 @@ def plot_examples(data: CVData, probs: np.ndarray, images_dir: Path, masks_dir: 
         all_crops = extract_crops(image, cells, cells_cfg.size, cells_cfg.padding, cells_cfg.neighbours)
         for r, cid in zip(rows, ids):
             crops[r] = all_crops[cid - 1]
-    fig = _figure(1.6 * per_class + 1.5, 1.7 * NUM_CLASSES)
+    fig = _figure(1.6 * per_class + 1.5, 1.85 * NUM_CLASSES)
     axes = fig.subplots(NUM_CLASSES, per_class, squeeze=False)
     for c in range(NUM_CLASSES):
         for k in range(per_class):
@@ -193,16 +206,14 @@ def plot_examples(data: CVData, probs: np.ndarray, images_dir: Path, masks_dir: 
             ax.set_yticks([])
             if k < len(picks[c]):
                 r = picks[c][k]
-                truth = np.flatnonzero(data.targets[r]).tolist()
-                hit = "+" if data.targets[r, c] > 0 else "-"
                 ax.imshow(composite(crops[r], stretch=True))
-                ax.set_title(f"p={probs[r, c]:.2f} {hit} [{','.join(map(str, truth))}]", fontsize=7)
+                ax.set_title(example_title(probs[r], data.targets[r], c), fontsize=7)
             else:
                 ax.axis("off")
             if k == 0:
                 ax.set_ylabel(f"{c} {_short(CLASS_NAMES[c], 16)}", fontsize=7)
-    fig.suptitle("top out-of-fold cells per class: p(class), + if the image has the class, [image labels]",
-                 fontsize=9)
+    fig.suptitle("top out-of-fold cells per class: p(class), + if the image has the class, [image labels];\n"
+                 "pred: the cell's two most probable classes", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -230,7 +241,8 @@ def class_table(result: CVResult, positives: np.ndarray) -> str:
         if comp:
             cells += f"<td>{_fmt(result.comp_per_class_ap[c])}</td>"
         rows.append(f"<tr>{cells}</tr>")
-    total = f"<tr><th></th><th class=name>mean</th><th>{result.n_cells}</th><th>{_fmt(result.proxy_map)}</th>" \
+    total = f"<tr><th></th><th class=name>mean (all cells)</th><th>{result.n_cells}</th>" \
+            f"<th>{_fmt(result.proxy_map)}</th>" \
             f"<th>{_fmt(result.proxy_auc)}</th>" + (f"<th>{_fmt(result.comp_map)}</th>" if comp else "") + "</tr>"
     return f"<table>{head}{''.join(rows)}{total}</table>"
 
