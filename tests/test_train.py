@@ -93,6 +93,62 @@ def test_epoch_sampler_weighted_draws_follow_the_weights():
         EpochSampler(3, 1, 0, weights=[0, 0, 0])
 
 
+def _runs(values) -> list[tuple[int, int]]:
+    """Consecutive runs of equal values as (value, length)."""
+    out = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1] = (v, out[-1][1] + 1)
+        else:
+            out.append((v, 1))
+    return out
+
+
+def test_epoch_sampler_groups_keep_images_together():
+    sizes = {10: 3, 11: 5, 12: 2, 13: 4}
+    groups = np.random.default_rng(0).permutation(np.repeat(list(sizes), list(sizes.values())))
+    s = EpochSampler(14, batch_size=4, seed=1, groups=groups)  # 14 items, drop_last -> 12 per epoch
+    order = [i for _, i in s]
+    assert len(order) == 12 and len(set(order)) == 12
+    runs = _runs(groups[order])
+    assert len({g for g, _ in runs}) == len(runs)  # each image in one piece
+    assert all(n == sizes[g] for g, n in runs[:-1]) and runs[-1][1] <= sizes[runs[-1][0]]  # whole, last cut
+    s.set_epoch(1)
+    e1 = [i for _, i in s]
+    assert e1 != order
+    s.set_epoch(1, start_batch=1)  # resume: the tail of the same order
+    assert [i for _, i in s] == e1[4:]
+    # two ranks take consecutive stretches of the one-process order: 14 // 2 = 7 -> 4 items each
+    r0, r1 = (EpochSampler(14, 4, 1, rank=r, world=2, groups=groups) for r in (0, 1))
+    single = EpochSampler(14, 4, 1, groups=groups, num_samples=8)
+    assert [i for _, i in r0] + [i for _, i in r1] == [i for _, i in single]
+    # class-balanced draw of whole images (with replacement): zero-weight images never come
+    weights = np.where(groups == 11, 0.0, 1.0)
+    picked = groups[[i for _, i in EpochSampler(14, 4, 2, weights=weights, groups=groups, num_samples=400)]]
+    assert set(picked) == {10, 12, 13}
+    assert all(n % sizes[g] == 0 for g, n in _runs(picked)[:-1])  # whole images (repeats may touch)
+    with pytest.raises(ValueError, match="group"):
+        EpochSampler(14, 4, 1, groups=groups[:5])
+
+
+def test_image_head_runs_get_batches_of_whole_images(tmp_path):
+    from hpasc.training.loop import Trainer
+
+    data = hand_made_fold()  # 6 training images of 6 cells, batches of 8
+    ids = data.table["ID"].to_numpy()
+
+    def images_per_batch(cfg) -> list[int]:
+        trainer = Trainer(cfg, data, tmp_path / "run")
+        trainer.sampler.set_epoch(0)
+        return [len(set(ids[b["index"].numpy()])) for b in trainer.loader]
+
+    grouped = images_per_batch(tiny_cfg(tmp_path, "model.image_head=true", "cells.augment=none"))
+    # runs of 6 cut into batches of 8: every batch holds the tail of one image and the head of the next
+    assert grouped == [2] * 4
+    mixed = images_per_batch(tiny_cfg(tmp_path, "cells.augment=none"))
+    assert len(mixed) == 4 and sum(mixed) > 12  # random batches spread over ~5 of the 6 images
+
+
 def test_seeded_items_repeat_their_augmentation():
     from hpasc.config import CellsConfig
     from hpasc.data import CellDataset, build_transform
@@ -198,6 +254,59 @@ def test_early_stopping_and_a_finished_run_resumes_to_nothing(tmp_path):
     before = (run / "last.pt").stat().st_mtime_ns
     train_on(cfg, hand_made_fold(), run, resume=True)
     assert (run / "last.pt").stat().st_mtime_ns == before
+
+
+def _two_batches(trainer) -> tuple[dict, dict]:
+    trainer.sampler.set_epoch(0)
+    it = iter(trainer.loader)
+    return next(it), next(it)
+
+
+def _grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    from hpasc.training.loop import Trainer
+
+    # no triplet (a batch-hard loss is not additive over batches), eval mode (BN running stats, no dropout)
+    cfg = tiny_cfg(tmp_path, "train.accum_steps=2", "loss.triplet_weight=0", "cells.augment=none")
+    trainer = Trainer(cfg, hand_made_fold(), tmp_path / "run")
+    b1, b2 = _two_batches(trainer)
+    trainer.model.eval()
+    big = {k: torch.cat([b1[k], b2[k]]) for k in ("image", "target", "index")}
+    trainer.criterion(trainer.model(big["image"]), big)["loss"].backward()
+    expected = _grads(trainer.model)
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._micro_step(b1, accumulating=True)
+    trainer._micro_step(b2, accumulating=False)
+    assert torch.allclose(_grads(trainer.model), expected, rtol=1e-4, atol=1e-7)
+
+
+def _record_grad_norm_at_step(trainer, seen: list) -> None:
+    """Make the trainer's optimizer note the gradient norm it is handed before stepping."""
+    step = trainer.optimizer.step
+
+    def noting_step(*args, **kwargs):
+        seen.append(float(_grads(trainer.model).norm()))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = noting_step
+
+
+def test_gradient_clipping_caps_the_norm_the_optimizer_sees(tmp_path):
+    from hpasc.training.loop import Trainer
+
+    seen = []
+    for clip in (1e-3, None):
+        cfg = tiny_cfg(tmp_path, f"train.grad_clip={'null' if clip is None else clip}")
+        trainer = Trainer(cfg, hand_made_fold(), tmp_path / "run")
+        b1, _ = _two_batches(trainer)
+        trainer._micro_step(b1, accumulating=False)
+        _record_grad_norm_at_step(trainer, seen)
+        trainer._optimizer_step()
+    clipped, raw = seen
+    assert raw > 1e-2 and clipped == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_select_metric_errors(tmp_path):

@@ -13,7 +13,9 @@ downloaded — a missing file is an error, not a fallback.
 - ``features`` (B, F): the pooled backbone features (used by the optional image head);
 - ``image_logits`` (G, 19): only with ``model.image_head`` and ``forward(x, groups)``, where ``groups``
   (B,) numbers the image each cell comes from (0..G-1). The image head mean-pools the features of an
-  image's cells — the dual cell/image-level head of the 2nd-place solution.
+  image's cells — the dual cell/image-level head of the 2nd-place solution. Training runs with an image
+  head draw batches of whole images (``training.sampling.EpochSampler(groups=...)``), since random
+  batches rarely hold two cells of one image and the head would only ever see single cells.
 """
 from __future__ import annotations
 
@@ -99,14 +101,14 @@ def _load_run_weights(model: CellClassifier, state: dict, path: Path) -> None:
 def _create_backbone(cfg: ModelConfig, pretrained_file: Path | None) -> nn.Module:
     import timm
 
-    kwargs = dict(in_chans=IN_CHANS, num_classes=0, global_pool="avg")
+    kwargs = {"in_chans": IN_CHANS, "num_classes": 0, "global_pool": "avg"}
     if cfg.drop_path_rate > 0:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if pretrained_file is not None:
         # file= makes timm read the local file and adapt the 3-channel stem to 4 channels; clearing
         # the other sources makes a download impossible even if the file branch were skipped.
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(
-            file=str(pretrained_file), source="", url="", hf_hub_id=""))
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={
+            "file": str(pretrained_file), "source": "", "url": "", "hf_hub_id": ""})
     try:
         return timm.create_model(cfg.name, **kwargs)
     except RuntimeError as exc:
@@ -146,7 +148,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> CellC
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP / torch.compile wrapper."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model
 
 

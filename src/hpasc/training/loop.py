@@ -4,7 +4,8 @@ AdamW with a warm-up + cosine schedule, gradient accumulation and clipping, opti
 DDP under torchrun, validation each epoch on rank 0, best/last checkpoints, early stopping, and resume
 from the last checkpoint — also from the middle of an epoch, ending with the same weights as an
 uninterrupted run (every random draw is a function of the seed and the position in the run; see
-``sampling``).
+``sampling``). With ``model.image_head`` the batches are made of whole images, so the image head sees
+several cells of each image it is trained on.
 """
 from __future__ import annotations
 
@@ -96,9 +97,10 @@ class Trainer:
         if self.info.distributed:
             if self.device.type == "cuda":  # per-GPU batches of the big models are small
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            # every parameter takes part in every step (the image head too: training batches always
+            # carry image groups), so DDP needs no unused-parameter search
             model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                find_unused_parameters=cfg.model.image_head)
+                model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.model = model
         self.criterion = Criterion(cfg.loss).to(self.device)
         # the image head pools the cells of one image: each crop row's image, as an integer code
@@ -127,8 +129,10 @@ class Trainer:
         per_rank = None
         if tc.max_steps_per_epoch is not None:
             per_rank = min(len(dataset) // self.info.world, tc.max_steps_per_epoch * tc.accum_steps * tc.batch_size)
+        # the image head learns from the cells of one image together: batches of whole images
+        groups = self.image_codes.numpy()[data.train_rows] if self.image_codes is not None else None
         sampler = EpochSampler(len(dataset), tc.batch_size, tc.seed, weights, self.info.rank, self.info.world,
-                               drop_last=len(dataset) > tc.batch_size, num_samples=per_rank)
+                               drop_last=len(dataset) > tc.batch_size, num_samples=per_rank, groups=groups)
         loader = DataLoader(
             SeededItems(dataset, tc.seed), batch_size=tc.batch_size, sampler=sampler,
             num_workers=tc.num_workers, pin_memory=self.device.type == "cuda",

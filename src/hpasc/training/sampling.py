@@ -30,12 +30,21 @@ class EpochSampler(Sampler):
     Uniform shuffling without replacement, or — with ``weights`` — a weighted draw with replacement
     (class-balanced sampling). The epoch has ``num_samples`` items per rank (default ``n / world``,
     rounded down to whole batches when ``drop_last``); ``start_batch`` skips batches already trained.
+
+    ``groups`` (one image id per item) makes the epoch a sequence of whole images: images are shuffled
+    (or, with ``weights``, drawn with replacement by the mean weight of their cells) and each image's
+    cells follow one another, so a batch holds the cells of a few images — what an image-level head
+    needs to learn anything (random batches rarely hold two cells of one image). Each rank then takes
+    one contiguous stretch of the epoch, keeping images together.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, weights: Sequence[float] | None = None,
-                 rank: int = 0, world: int = 1, drop_last: bool = True, num_samples: int | None = None):
+                 rank: int = 0, world: int = 1, drop_last: bool = True, num_samples: int | None = None,
+                 groups: Sequence[int] | None = None):
         if n <= 0:
             raise ValueError("the sampler needs at least one item")
+        if groups is not None and len(groups) != n:
+            raise ValueError(f"sampler groups: need one group id per item ({n}), got {len(groups)}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world, self.drop_last = rank, world, drop_last
         self.weights = None if weights is None else torch.as_tensor(np.asarray(weights, np.float64))
@@ -48,6 +57,7 @@ class EpochSampler(Sampler):
         self.per_rank = max(per_rank, 1)
         self.epoch = 0
         self.start_batch = 0
+        self._groups = None if groups is None else _group_index(np.asarray(groups), self.weights)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -60,6 +70,9 @@ class EpochSampler(Sampler):
         """This rank's item indices for ``epoch`` (all of them, before skipping)."""
         gen = torch.Generator().manual_seed(_mix(self.seed, epoch))
         total = self.per_rank * self.world
+        if self._groups is not None:
+            order = self._groups.epoch_items(gen, total)
+            return order[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
         if self.weights is None:
             reps = -(-total // self.n)  # whole permutations until the epoch is filled
             order = torch.cat([torch.randperm(self.n, generator=gen) for _ in range(reps)])[:total]
@@ -73,6 +86,43 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return max(self.per_rank - self.start_batch * self.batch_size, 0)
+
+
+class _GroupIndex:
+    """Items sorted by group, with each group's start, size and (optional) draw weight."""
+
+    def __init__(self, items: np.ndarray, starts: np.ndarray, sizes: np.ndarray, weights: torch.Tensor | None):
+        self.items, self.starts, self.sizes, self.weights = items, starts, sizes, weights
+
+    def epoch_items(self, gen: torch.Generator, total: int) -> np.ndarray:
+        """``total`` item indices: whole groups in a seeded order (the last one cut at ``total``)."""
+        n_groups = len(self.sizes)
+        picks, filled = [], 0
+        while filled < total:  # one round = every group once (or as many weighted draws)
+            if self.weights is None:
+                round_ = torch.randperm(n_groups, generator=gen).numpy()
+            else:
+                round_ = torch.multinomial(self.weights, n_groups, replacement=True, generator=gen).numpy()
+            picks.append(round_)
+            filled += int(self.sizes[round_].sum())
+        chosen = np.concatenate(picks)
+        lengths = self.sizes[chosen]
+        # position of every output item inside its group, without a Python loop over groups
+        first_out = np.cumsum(lengths) - lengths
+        within = np.arange(int(lengths.sum())) - np.repeat(first_out, lengths)
+        return self.items[np.repeat(self.starts[chosen], lengths) + within][:total]
+
+
+def _group_index(groups: np.ndarray, weights: torch.Tensor | None) -> _GroupIndex:
+    _, codes = np.unique(groups, return_inverse=True)
+    codes = codes.reshape(-1)
+    items = np.argsort(codes, kind="stable")
+    sizes = np.bincount(codes)
+    starts = np.cumsum(sizes) - sizes
+    group_weights = None
+    if weights is not None:
+        group_weights = torch.from_numpy(np.bincount(codes, weights=weights.numpy()) / sizes)
+    return _GroupIndex(items, starts, sizes, group_weights)
 
 
 def seed_item(seed: int, epoch: int, index: int, transform: object = None) -> None:
