@@ -147,6 +147,11 @@ def test_image_head_runs_get_batches_of_whole_images(tmp_path):
     assert grouped == [2] * 4
     mixed = images_per_batch(tiny_cfg(tmp_path, "cells.augment=none"))
     assert len(mixed) == 4 and sum(mixed) > 12  # random batches spread over ~5 of the 6 images
+    # the config decides either way: grouped batches without the head, random ones with it
+    assert images_per_batch(tiny_cfg(tmp_path, "train.group_by_image=true", "cells.augment=none")) == [2] * 4
+    head_mixed = images_per_batch(tiny_cfg(tmp_path, "model.image_head=true", "train.group_by_image=false",
+                                           "cells.augment=none"))
+    assert sum(head_mixed) > 12
 
 
 def test_seeded_items_repeat_their_augmentation():
@@ -429,3 +434,17 @@ def test_image_head_is_trained_on_the_images_of_a_batch(tmp_path):
 
     untrained = build_model(cfg.model).state_dict()["image_classifier.weight"]
     assert first.shape == (19, untrained.shape[1]) and not torch.equal(first, untrained)
+
+
+def test_oof_keeps_tiny_probabilities_distinct_from_zero(tmp_path):
+    """A probability of 1e-9 is still a prediction for the metric: it must not be written as 0."""
+    from hpasc.training.validation import write_oof
+
+    table = pd.DataFrame({"ID": ["a", "a"], "cell_id": [1, 2]})
+    probs = np.full((2, 19), 0.5, np.float32)
+    probs[0, 3], probs[1, 7] = 1e-9, 0.123456789
+    write_oof(tmp_path / "oof.csv", table, probs)
+    back = pd.read_csv(tmp_path / "oof.csv")
+    assert list(back.columns) == ["ID", "cell_id"] + [f"p{c}" for c in range(19)]
+    assert back.loc[0, "p3"] == pytest.approx(1e-9, rel=1e-6) and back.loc[0, "p3"] > 0
+    assert back.loc[1, "p7"] == pytest.approx(0.1234568, abs=1e-7)

@@ -110,6 +110,7 @@ class TrainConfig:
     val_batch_size: int | None = None  # None -> 2 x batch_size
     deterministic: bool = False  # deterministic kernels (resume reproduces an uninterrupted run bit for bit)
     threads: int | None = None  # torch CPU threads while training (None: torch's default)
+    group_by_image: bool | None = None  # batches of whole images; None -> on exactly when model.image_head
 
 
 @dataclass(frozen=True)

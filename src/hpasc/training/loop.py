@@ -130,7 +130,8 @@ class Trainer:
         if tc.max_steps_per_epoch is not None:
             per_rank = min(len(dataset) // self.info.world, tc.max_steps_per_epoch * tc.accum_steps * tc.batch_size)
         # the image head learns from the cells of one image together: batches of whole images
-        groups = self.image_codes.numpy()[data.train_rows] if self.image_codes is not None else None
+        grouped = cfg.model.image_head if tc.group_by_image is None else tc.group_by_image
+        groups = pd.factorize(data.table["ID"])[0][data.train_rows] if grouped else None
         sampler = EpochSampler(len(dataset), tc.batch_size, tc.seed, weights, self.info.rank, self.info.world,
                                drop_last=len(dataset) > tc.batch_size, num_samples=per_rank, groups=groups)
         loader = DataLoader(

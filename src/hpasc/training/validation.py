@@ -120,6 +120,8 @@ def write_oof(path: Path, table: pd.DataFrame, probs: np.ndarray) -> None:
 
     frame = pd.DataFrame({"ID": table["ID"].to_numpy(), "cell_id": table["cell_id"].to_numpy()})
     for c in range(NUM_CLASSES):
-        frame[f"p{c}"] = np.round(probs[:, c].astype(np.float64), 6)
+        frame[f"p{c}"] = probs[:, c].astype(np.float32)
+    # 7 significant digits keep every float32 probability distinct from 0: rounding to fixed decimals
+    # turned tiny probabilities into 0, which the metric reads as "no prediction"
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        frame.to_csv(tmp, index=False, float_format="%.7g")
