@@ -80,7 +80,7 @@ def test_write_folds_and_cli_round_trip(tmp_path, small_train):
     with pytest.raises(FoldsError, match="nope.csv"):
         write_folds(tmp_path / "nope.csv", tmp_path / "x.csv")
     (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(FoldsError, match="empty.csv: not a readable CSV"):
+    with pytest.raises(FoldsError, match="empty.csv: unreadable CSV"):
         write_folds(tmp_path / "empty.csv", tmp_path / "x.csv")
 
 
@@ -88,7 +88,7 @@ def test_cli_folds_errors_exit_2(tmp_path, capsys):
     from hpasc.cli import main
 
     assert main(["folds", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "f.csv")]) == 2
-    assert "nope.csv: file not found" in capsys.readouterr().err
+    assert "nope.csv: CSV not found" in capsys.readouterr().err
     pd.DataFrame({"ID": ["a", "b"], "Label": ["0", "1"]}).to_csv(tmp_path / "two.csv", index=False)
     assert main(["folds", str(tmp_path / "two.csv"), "--out", str(tmp_path / "f.csv")]) == 2
     assert "two.csv: 2 images cannot fill 5 folds" in capsys.readouterr().err

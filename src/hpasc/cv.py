@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Config, InferenceConfig, load_config
+from .fsutil import read_csv
 from .labels import CLASS_NAMES, NUM_CLASSES, parse_label, to_multihot
 from .paths import data_root
 
@@ -87,12 +88,7 @@ def group_runs(run_dirs: Sequence[str | Path]) -> list[RunGroup]:
 def read_oof(path: str | Path) -> pd.DataFrame:
     """One ``oof.csv`` -> DataFrame ``ID, cell_id, p0..p18`` (validated)."""
     path = Path(path)
-    if not path.is_file():
-        raise CVError(f"{path}: out-of-fold file not found")
-    try:
-        df = pd.read_csv(path, dtype={"ID": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise CVError(f"{path}: unreadable CSV ({exc})") from exc
+    df = read_csv(path, "out-of-fold file", CVError, dtype={"ID": str})
     missing = [c for c in ("ID", "cell_id", *PROB_COLUMNS) if c not in df.columns]
     if missing:
         raise CVError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -157,12 +153,7 @@ def read_label_map(masks_dir: str | Path, image_id: str) -> tuple[np.ndarray, np
 def read_image_labels(path: str | Path) -> dict[str, tuple[int, ...]]:
     """``ID,Label`` CSV (train.csv or folds.csv) -> {ID: class ids}."""
     path = Path(path)
-    if not path.is_file():
-        raise CVError(f"{path}: labels file not found")
-    try:
-        df = pd.read_csv(path, dtype={"ID": str, "Label": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise CVError(f"{path}: unreadable CSV ({exc})") from exc
+    df = read_csv(path, "CSV", CVError, dtype={"ID": str, "Label": str})
     if not {"ID", "Label"} <= set(df.columns):
         raise CVError(f"{path}: expected columns ID,Label")
     return {i: parse_label(lab) for i, lab in zip(df.ID, df.Label)}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fsutil import atomic_path
+from .fsutil import atomic_path, read_csv
 from .labels import NUM_CLASSES, LabelError, multihot_matrix
 
 
@@ -70,12 +70,7 @@ def write_folds(train_csv: os.PathLike | str, out: os.PathLike | str, n_folds: i
                 seed: int = 42) -> pd.DataFrame:
     """Read ``train_csv``, split it, write ``out`` atomically; returns the table written."""
     train_csv = Path(train_csv)
-    if not train_csv.is_file():
-        raise FoldsError(f"{train_csv}: file not found")
-    try:
-        df = pd.read_csv(train_csv, dtype={"ID": str, "Label": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise FoldsError(f"{train_csv}: not a readable CSV ({exc})") from None
+    df = read_csv(train_csv, "CSV", FoldsError, dtype={"ID": str, "Label": str})
     folds = make_folds(df, n_folds=n_folds, seed=seed, source=str(train_csv))
     with atomic_path(out) as tmp:
         folds.to_csv(tmp, index=False)

@@ -30,3 +30,17 @@ def atomic_path(path: os.PathLike | str):
 def write_text_atomic(path: os.PathLike | str, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_csv(path: os.PathLike | str, what: str = "CSV", error: type[Exception] = ValueError, **kwargs):
+    """``pandas.read_csv`` whose failures name the file: missing -> "PATH: WHAT not found", malformed or
+    empty -> "PATH: unreadable WHAT (...)", both raised as ``error``. Column checks stay with the caller."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: unreadable {what} ({exc})") from None

@@ -28,7 +28,7 @@ import pandas as pd
 from .config import Config
 from .cv import CVData, CVResult, RunGroup, evaluate, find_labels_csv, group_runs, load_cv_data, masks_dir_of, \
     read_image_labels, read_label_map, run_config
-from .fsutil import atomic_path, write_text_atomic
+from .fsutil import atomic_path, read_csv, write_text_atomic
 from .labels import CLASS_NAMES, NUM_CLASSES
 from .paths import data_root
 
@@ -80,10 +80,7 @@ def plot_ap_bars(result: CVResult, path: str | os.PathLike) -> Path:
 def read_log(path: str | os.PathLike) -> pd.DataFrame:
     """A run's ``log.csv`` (must have an ``epoch`` column)."""
     path = Path(path)
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable training log ({exc})") from exc
+    df = read_csv(path, "training log")
     if "epoch" not in df.columns:
         raise ValueError(f"{path}: no 'epoch' column in the training log")
     return df
