@@ -86,7 +86,7 @@ def baseline_rows(masks_dir: Path, image_probs: dict[str, np.ndarray]) -> dict[s
     return rows
 
 
-def run_demo(work: str | Path, n_train: int = 64, n_test: int = 16, size: int = 512, seed: int = 0,
+def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 512, seed: int = 0,
              folds: tuple[int, ...] = (0, 1), n_folds: int = 4, config_path: str | Path | None = None,
              overrides: tuple[str, ...] = (), verbose: bool = True) -> dict:
     """Run the whole pipeline in ``work``; returns (and writes) ``demo_result.json``."""
