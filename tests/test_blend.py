@@ -167,6 +167,9 @@ def test_bad_weights_and_missing_images(tmp_path):
         blend_submissions([one, two], tmp_path / "o.csv", progress=False)
     with pytest.raises(BlendError, match="not a multiple of 3"):
         parse_prediction_string("0 0.5", "img9")
+    for bad in ("nan", "inf"):
+        with pytest.raises(BlendError, match="img9: triple 2 has a confidence that is not finite"):
+            parse_prediction_string(f"0 0.5 m 1 {bad} m", "img9")
 
 
 def test_cli_both_modes(tmp_path, capsys):

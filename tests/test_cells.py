@@ -276,6 +276,8 @@ def test_cache_errors(tmp_path):
     (out / "cells.csv").write_text("ID,cell_id\nimg0,1\n")
     with pytest.raises(CellCacheError, match="rows"):
         load_cell_cache(out)
+    (out / "cells.csv").unlink()  # a lost table: the next build starts over instead of failing
+    assert len(build_cell_cache(images, masks, ids, CellsConfig(size=16), out)) > 0
 
 
 def test_cli_cells(tmp_path, capsys):

@@ -263,3 +263,7 @@ def test_oof_cell_beyond_the_label_map_is_an_error(tmp_path):
     df.to_csv(oof, index=False)
     with pytest.raises(CVError, match="has 4 cells but the OOF names cell 9"):
         cross_validate([world["runs"] / "a"], progress=False)
+    df.loc[0, "cell_id"] = 0
+    df.to_csv(oof, index=False)
+    with pytest.raises(CVError, match=r"oof\.csv: cell id 0 in row 2 .* is not >= 1"):
+        cross_validate([world["runs"] / "a"], progress=False)

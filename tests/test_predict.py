@@ -210,6 +210,9 @@ def test_merge_without_shard_files_and_its_errors(tmp_path):
     _write_sub(b, [("z", ""), ("y", "")])
     with pytest.raises(P.PredictError, match="other images"):
         P.merge(tmp_path / "m.csv", [a, b])
+    b.write_text("ID,Width\nx,8\n")
+    with pytest.raises(P.PredictError, match=r"b\.csv: header is ID,Width"):
+        P.merge(tmp_path / "m.csv", [a, b])
 
 
 def test_merge_keeps_the_cell_file_format_when_a_part_has_no_cells(tmp_path):

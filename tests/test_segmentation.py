@@ -93,6 +93,7 @@ def test_cell_stats_and_relabel():
     labels = np.array([[0, 4, 4], [0, 9, 0], [0, 0, 0]])
     relabelled = relabel_consecutive(labels)
     np.testing.assert_array_equal(relabelled, [[0, 1, 1], [0, 2, 0], [0, 0, 0]])
+    assert relabel_consecutive(np.zeros((0, 3), np.int32)).shape == (0, 3)  # an empty map is no error
     border, rel = cell_stats(relabelled)
     np.testing.assert_array_equal(border, [True, False])
     np.testing.assert_allclose(rel, [2 / 1.5, 1 / 1.5])

@@ -67,6 +67,9 @@ def test_id_lists(images, tmp_path):
     (tmp_path / "bad.csv").write_text("Name\na\n")
     with pytest.raises(ValueError, match="bad.csv: no ID column"):
         read_id_list(tmp_path / "bad.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="empty.csv: unreadable ID list"):
+        read_id_list(tmp_path / "empty.csv")
     with pytest.raises(FileNotFoundError, match="nothere"):
         list_image_ids(tmp_path / "nothere")
 

@@ -216,3 +216,10 @@ def test_real_sample_submission_round_trip(tmp_path, real_hpa):
     out = write_submission({first.ID: f"0 0.9 {encode_mask(m)}"}, sample, tmp_path / "submission.csv")
     assert len(out) == 559
     assert validate_submission(tmp_path / "submission.csv", sample) == []
+
+
+def test_validator_reports_a_non_ascii_digit_class_instead_of_crashing(tmp_path, sample):
+    m = _mask(4, 4)
+    problems = validate_submission(_write(tmp_path / "s.csv", [("a", 4, 4, f"\u00b2 0.5 {m}"), ("c", 4, 4, "")]),
+                                   sample)
+    assert any("class '\u00b2' is not an id" in p.message for p in problems)

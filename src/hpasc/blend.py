@@ -218,6 +218,8 @@ def parse_prediction_string(text: object, where: str = "") -> dict[str, np.ndarr
             raise BlendError(f"{where}: triple {k // 3 + 1} ({cls} {conf} ...) is not 'class confidence mask'") from None
         if not 0 <= c < NUM_CLASSES:
             raise BlendError(f"{where}: class {c} outside 0..{NUM_CLASSES - 1}")
+        if not np.isfinite(p):  # max() below would drop a NaN or keep it, depending on the order
+            raise BlendError(f"{where}: triple {k // 3 + 1} has a confidence that is not finite ({conf})")
         vec = cells.setdefault(mask, np.zeros(NUM_CLASSES))
         vec[c] = max(vec[c], p)  # a class repeated for one cell counts once, at its best confidence
     return cells
@@ -236,7 +238,7 @@ def _match_by_iou(cells: list[_Cell], free: list[int], new_runs: list, height: i
                   where: str) -> list[int | None]:
     """For each new mask, the free blended cell it is matched to (IoU >= 0.6), or None. Pairs are taken
     greedily in descending IoU, each cell at most once. IoUs come from the scorer's sweep over runs."""
-    from .metric import intersection_table, iou_table
+    from .metric import runs_iou
 
     assign: list[int | None] = [None] * len(new_runs)
     if not free or not new_runs:
@@ -245,8 +247,7 @@ def _match_by_iou(cells: list[_Cell], free: list[int], new_runs: list, height: i
         if cells[j].runs is None:
             cells[j].runs = _runs(cells[j].mask, height, width, where)
     old_runs = [cells[j].runs for j in free]
-    area = lambda runs: np.array([int((e - s).sum()) for s, e in runs], np.int64)  # noqa: E731
-    iou = iou_table(intersection_table(old_runs, new_runs), area(new_runs), area(old_runs))  # (new, free)
+    iou = runs_iou(old_runs, new_runs)  # (new, free)
     threshold = np.float32(MATCH_IOU)
     used = set()
     for flat in np.argsort(-iou, axis=None, kind="stable"):

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .fsutil import atomic_path, write_text_atomic
+from .fsutil import atomic_path, read_csv, write_text_atomic
 from .io import CHANNELS, read_image
 
 CACHE_VERSION = 1
@@ -459,7 +459,8 @@ def build_cell_cache(images_dir: os.PathLike | str, masks_dir: os.PathLike | str
     key = cache_key(cells_cfg)
     fps = {i: _fingerprint(masks_dir, i) for i in ids}
     meta = _read_meta(out_dir)
-    old_ok = meta is not None and meta.get("key") == key and (out_dir / meta.get("crops", "")).is_file()
+    old_ok = (meta is not None and meta.get("key") == key and (out_dir / meta.get("crops", "")).is_file()
+              and (out_dir / TABLE_NAME).is_file())  # a lost table means "rebuild", as a broken meta does
     old_images: dict = meta["images"] if old_ok else {}
     if old_ok and meta.get("ids") == ids and all(old_images.get(i, {}).get("fp") == fps[i] for i in ids):
         _write_labels(out_dir, labels)
@@ -565,7 +566,7 @@ def build_cells(images_dir: os.PathLike | str, masks_dir: os.PathLike | str, out
         labels_csv = Path(labels_csv)
         if not labels_csv.is_file():
             raise FileNotFoundError(f"{labels_csv}: labels CSV not found")
-        labels = pd.read_csv(labels_csv, dtype={"ID": str, "Label": str})
+        labels = read_csv(labels_csv, "labels CSV", dtype={"ID": str, "Label": str})
         missing = {"ID", "Label"} - set(labels.columns)
         if missing:
             raise ValueError(f"{labels_csv}: missing column(s) {', '.join(sorted(missing))}")

@@ -100,6 +100,9 @@ def read_oof(path: str | Path) -> pd.DataFrame:
         dup = df[df.duplicated(["ID", "cell_id"])].iloc[0]
         raise CVError(f"{path}: cell {dup.cell_id} of {dup.ID} appears twice")
     df["cell_id"] = df["cell_id"].astype(np.int64)
+    if (df["cell_id"] < 1).any():  # cell k is row k-1 of an image's cells: 0 would silently read the last one
+        bad = int(np.flatnonzero(df["cell_id"].to_numpy() < 1)[0])
+        raise CVError(f"{path}: cell id {df.cell_id.iloc[bad]} in row {bad + 2} (ID {df.ID.iloc[bad]}) is not >= 1")
     return df[["ID", "cell_id", *PROB_COLUMNS]]
 
 
@@ -171,12 +174,6 @@ def find_labels_csv(cfg: Config) -> Path:
 
 # --------------------------------------------------------------------------- the competition mAP, fast
 
-def _truth_cells(pred_string: object) -> tuple[list[tuple[int, ...]], list[str]]:
-    """Truth PredictionString (``labels mask`` pairs) -> (labels per cell, mask strings)."""
-    tokens = str(pred_string).split() if isinstance(pred_string, str) else []
-    return [parse_label(t) for t in tokens[0::2]], tokens[1::2]
-
-
 def label_map_runs(labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Label map -> per cell 1..n its foreground runs in the codec's column-major order (``mask_runs``
     form), from one pass over the pixels."""
@@ -200,7 +197,7 @@ def match_image(pred_labels: np.ndarray, truth_labels: list[tuple[int, ...]],
     tp[p, c]: the class-c truth cell that predicted cell p+1 overlaps best has IoU >= 0.6 (float32, first
     cell on ties, as ``hpasc.metric`` does). Intersections come from the scorer's sweep over mask runs.
     """
-    from .metric import IOU_THRESHOLD, intersection_table, iou_table
+    from .metric import IOU_THRESHOLD, runs_iou
     from .rle import mask_runs
 
     height, width = pred_labels.shape
@@ -213,8 +210,7 @@ def match_image(pred_labels: np.ndarray, truth_labels: list[tuple[int, ...]],
         for labs in truth_labels:
             n_truth[list(labs)] += 1
         return tp, n_truth
-    area = lambda runs: np.array([int((e - s).sum()) for s, e in runs], np.int64)  # noqa: E731
-    iou = iou_table(intersection_table(truth_runs, pred_runs), area(pred_runs), area(truth_runs))
+    iou = runs_iou(truth_runs, pred_runs)
     for c in range(NUM_CLASSES):
         cols = [t for t, labs in enumerate(truth_labels) if c in labs]
         n_truth[c] = len(cols)
@@ -244,7 +240,7 @@ def build_competition_truth(keys: pd.DataFrame, image_ids: Sequence[str], truth_
     """Precompute the TP flags of every OOF row against the truth CSV (one pass per image)."""
     from tqdm import tqdm
 
-    from .metric import read_truth
+    from .metric import read_truth, truth_cells
 
     truth = read_truth(truth_csv).drop_duplicates("ID").set_index("ID")
     n = len(keys)
@@ -261,7 +257,7 @@ def build_competition_truth(keys: pd.DataFrame, image_ids: Sequence[str], truth_
         if labels_map.shape != (int(row.ImageHeight), int(row.ImageWidth)):
             raise CVError(f"{masks_dir}/{image_id}.png: label map {labels_map.shape} but the truth says "
                           f"{row.ImageHeight}x{row.ImageWidth}")
-        t_labels, t_masks = _truth_cells(row.PredictionString)
+        t_masks, t_labels = truth_cells(image_id, row.PredictionString)
         tp, n_truth = match_image(labels_map, t_labels, t_masks)
         rows = slice(starts[i], starts[i + 1])
         cells = cell_ids[rows]

@@ -31,7 +31,8 @@ def _labelled(table: pd.DataFrame) -> pd.DataFrame:
     if "Label" not in table:
         raise ValueError("cell table has no Label column (build the cache with labels)")
     labels = table["Label"]
-    keep = labels.notna() & (labels.astype(str).str.strip() != "") & (labels.astype(str) != "nan")
+    text = labels.astype(str)  # once: tables have ~1e6 rows
+    keep = labels.notna() & (text.str.strip() != "") & (text != "nan")
     return table[keep]
 
 

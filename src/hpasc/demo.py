@@ -21,7 +21,7 @@ import pandas as pd
 
 from .config import Config, load_config, replace, save_config
 from .fsutil import write_text_atomic
-from .labels import CLASS_NAMES, NUM_CLASSES, parse_label
+from .labels import CLASS_NAMES, parse_label, to_multihot
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -102,6 +102,8 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
     work.mkdir(parents=True, exist_ok=True)
     clock = StageClock(verbose=verbose)
     data = work / "data"
+    sample = data / "sample_submission.csv"
+    test_masks = work / "masks" / "test"
     with clock("synthesise"):
         synthesize(data, n_train=n_train, n_test=n_test, size=size, seed=seed)
     with clock("folds"):
@@ -112,31 +114,29 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
     save_config(cfg, work / "demo_config.yaml")
     with clock("segment"):
         segment_folder(data / "train", work / "masks" / "train", cfg.segmentation)
-        segment_folder(data / "test", work / "masks" / "test", cfg.segmentation, overlay=True)
+        segment_folder(data / "test", test_masks, cfg.segmentation, overlay=True)
     run_dirs = []
     for fold in folds:
         with clock(f"train fold {fold}"):
             run_dirs.append(train_fold(cfg, fold))
     submission = work / "submission.csv"
     with clock("predict"):
-        predict(run_dirs, data / "test", data / "sample_submission.csv", submission,
-                masks_dir=work / "masks" / "test", seg_cfg=cfg.segmentation)
+        predict(run_dirs, data / "test", sample, submission, masks_dir=test_masks, seg_cfg=cfg.segmentation)
     with clock("validate + score"):
-        problems = validate_submission(submission, data / "sample_submission.csv")
+        problems = validate_submission(submission, sample)
         truth = read_truth(data / "truth" / "test.csv")
         result = score(truth, submission)
     with clock("baselines"):
         baselines = {}
-        sample = data / "sample_submission.csv"
         truth_labels = _truth_image_labels(truth)
-        probs_truth = {i: _multihot(labs) for i, labs in truth_labels.items()}
+        probs_truth = {i: to_multihot(labs) for i, labs in truth_labels.items()}
         path = work / "baseline_image_truth.csv"
-        write_submission(baseline_rows(work / "masks" / "test", probs_truth), sample, path)
+        write_submission(baseline_rows(test_masks, probs_truth), sample, path)
         baselines["image_truth"] = score(truth, path).mAP
         model_image = _model_image_probs(work, cfg)
         if model_image:
             path = work / "baseline_image_model.csv"
-            write_submission(baseline_rows(work / "masks" / "test", model_image), sample, path)
+            write_submission(baseline_rows(test_masks, model_image), sample, path)
             baselines["image_model"] = score(truth, path).mAP
     with clock("report"):
         report_path = _report(run_dirs, work / "report")
@@ -151,19 +151,13 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
         "validation_problems": [str(p) for p in problems],
         "runs": [str(r) for r in run_dirs],
         "report": str(report_path) if report_path else None,
-        "overlays": str(work / "masks" / "test"),
+        "overlays": str(test_masks),
         "stage_seconds": clock.seconds,
     }
     write_text_atomic(work / "demo_result.json", json.dumps(out, indent=2))
     if verbose:
         print(summary(out))
     return out
-
-
-def _multihot(labels: tuple[int, ...]) -> np.ndarray:
-    vec = np.zeros(NUM_CLASSES, np.float32)
-    vec[list(labels)] = 1.0
-    return vec
 
 
 def _model_image_probs(work: Path, cfg: Config) -> dict[str, np.ndarray]:

@@ -252,7 +252,7 @@ def explain_image(run_dir: str | os.PathLike, image_id: str, cell: int | None = 
     with torch.no_grad():
         probs = torch.sigmoid(_logits(model(x)).float()).cpu().numpy()
     out = Path(out_dir) if out_dir else Path(run_dir) / "explain"
-    cam = GradCAM(model)
+    cam = GradCAM(model, find_target_layer(model, x[:1]))  # found once, not by a forward pass per cell
     written = []
     for k, cid in enumerate(tqdm(cell_ids, desc=f"explain {image_id}", disable=None)):
         classes = choose_classes(probs[k], cls, threshold, max_classes)

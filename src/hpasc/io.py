@@ -132,9 +132,9 @@ def to_uint(image: np.ndarray, bits: int = 8) -> np.ndarray:
 
 
 def write_png_atomic(path: os.PathLike | str, array: np.ndarray) -> None:
-    """Write a 2-D uint8/uint16 array as PNG through a temp file + rename."""
+    """Write a 2-D uint8/uint16 array (or an 8-bit ``H x W x 3`` BGR picture) as PNG through a temp
+    file + rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .labels import CLASS_NAMES, NUM_CLASSES, LabelError, parse_label
 from .rle import MaskDecodeError, mask_runs
-from .submission import read_submission
+from .submission import COLUMNS, read_submission
 
 IOU_THRESHOLD = 0.6
 VERIFIED = ("gt", "all")
@@ -97,7 +97,7 @@ def read_truth(path: os.PathLike | str) -> pd.DataFrame:
 
 def _frame(obj: os.PathLike | str | pd.DataFrame, reader) -> pd.DataFrame:
     if isinstance(obj, pd.DataFrame):
-        missing = {"ID", "ImageWidth", "ImageHeight", "PredictionString"} - set(obj.columns)
+        missing = set(COLUMNS) - set(obj.columns)
         if missing:
             raise ScoreError(f"frame lacks columns {sorted(missing)}")
         return obj.assign(PredictionString=obj.PredictionString.fillna(""))  # read_csv turns "" into NaN
@@ -170,6 +170,18 @@ def iou_table(inter: np.ndarray, pred_area: np.ndarray, truth_area: np.ndarray) 
     return inter32 / np.maximum(union, np.float32(1e-10))
 
 
+def run_areas(runs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """int64 pixel count of each mask given as runs."""
+    return np.array([int((e - s).sum()) for s, e in runs], dtype=np.int64)
+
+
+def runs_iou(
+    truth_runs: list[tuple[np.ndarray, np.ndarray]], pred_runs: list[tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
+    """(n_pred, n_truth) float32 IoU of masks given as runs (``intersection_table`` + ``iou_table``)."""
+    return iou_table(intersection_table(truth_runs, pred_runs), run_areas(pred_runs), run_areas(truth_runs))
+
+
 # ---------------------------------------------------------------------------------------------------
 # AP
 
@@ -193,7 +205,8 @@ def average_precision(tp: np.ndarray, n_truth: int) -> float | None:
 # parsing
 
 
-def _truth_cells(image_id: str, text: str) -> tuple[list[str], list[tuple[int, ...]]]:
+def truth_cells(image_id: str, text: str) -> tuple[list[str], list[tuple[int, ...]]]:
+    """Truth PredictionString (``labels mask`` pairs) -> (mask strings, labels per cell); ScoreError if bad."""
     tokens = text.split()
     if len(tokens) % 2:
         raise ScoreError(f"truth {image_id}: PredictionString has {len(tokens)} tokens, not `labels mask` pairs")
@@ -264,7 +277,7 @@ def _score_image(
 
     truth_idx = np.array([index(m, "truth") for m in truth_masks], dtype=np.int64)
     pred_idx = np.array([index(m, "submission") for m in masks], dtype=np.int64)
-    area = np.array([int((e - s).sum()) for s, e in runs], dtype=np.int64)
+    area = run_areas(runs)
     if len(pred_idx):
         nonempty = area[pred_idx] > 0
         classes, conf, pred_idx = classes[nonempty], conf[nonempty], pred_idx[nonempty]
@@ -317,7 +330,7 @@ def score(
             raise ScoreError(f"{name} has duplicate IDs, e.g. {dup.iat[0]}")
 
     truth_rows = {
-        str(r.ID): (int(r.ImageHeight), int(r.ImageWidth), *_truth_cells(str(r.ID), str(r.PredictionString)))
+        str(r.ID): (int(r.ImageHeight), int(r.ImageWidth), *truth_cells(str(r.ID), str(r.PredictionString)))
         for r in truth_df.itertuples(index=False)
     }
     n_truth = np.zeros(NUM_CLASSES, np.int64)

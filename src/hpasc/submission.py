@@ -199,7 +199,7 @@ def _row_problems(text: str, height: int | None, width: int | None) -> list[str]
     mask_state: dict[str, str | None] = {}  # mask string -> problem (None = fine), decoded once
     for t in range(len(tokens) // 3):
         cls, conf, mask = tokens[3 * t : 3 * t + 3]
-        if not (cls.isdigit() and int(cls) < NUM_CLASSES):
+        if not (cls.isdecimal() and int(cls) < NUM_CLASSES):  # isdigit() admits '²', which int() rejects
             note(f"class {cls!r} is not an id in 0..{NUM_CLASSES - 1}", t + 1)
         try:
             if not math.isfinite(float(conf)):
@@ -210,7 +210,7 @@ def _row_problems(text: str, height: int | None, width: int | None) -> list[str]
             continue
         if mask not in mask_state:
             try:
-                starts, ends = mask_runs(mask, height, width)
+                starts, _ = mask_runs(mask, height, width)
                 mask_state[mask] = None if len(starts) else "mask is empty"
             except MaskDecodeError as exc:
                 mask_state[mask] = f"mask does not decode at {width}x{height}: {exc}"

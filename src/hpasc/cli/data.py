@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers) -> None:
@@ -39,28 +38,21 @@ def register(subparsers) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from ..synthetic import SynthesisError, synthesize
+    from ..synthetic import synthesize
 
-    try:
-        out = synthesize(args.out, args.train, args.test, size=args.size, seed=args.seed,
-                         test_bits=args.test_bits, heterogeneity=args.heterogeneity,
-                         real_sizes=args.real_sizes, workers=args.workers, gallery=args.gallery,
-                         overwrite=args.overwrite)
-    except SynthesisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # a SynthesisError (like every hpasc error) becomes one "error: ..." line and exit 2 in cli.main
+    out = synthesize(args.out, args.train, args.test, size=args.size, seed=args.seed,
+                     test_bits=args.test_bits, heterogeneity=args.heterogeneity,
+                     real_sizes=args.real_sizes, workers=args.workers, gallery=args.gallery,
+                     overwrite=args.overwrite)
     print(f"wrote {args.train} train and {args.test} test images to {out}")
     return 0
 
 
 def _folds(args: argparse.Namespace) -> int:
-    from ..folds import FoldsError, write_folds
+    from ..folds import write_folds
 
-    try:
-        folds = write_folds(args.train_csv, args.out, n_folds=args.n_folds, seed=args.seed)
-    except FoldsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    folds = write_folds(args.train_csv, args.out, n_folds=args.n_folds, seed=args.seed)
     sizes = folds["fold"].value_counts().sort_index().tolist()
     print(f"wrote {args.out}: {len(folds)} images, fold sizes {sizes}")
     return 0

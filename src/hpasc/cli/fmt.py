@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,26 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from ..metric import ScoreError, score
-    from ..submission import SubmissionError
+    from ..metric import score
 
-    try:
-        result = score(args.truth, args.submission, verified=args.verified, iou_threshold=args.iou)
-    except (ScoreError, SubmissionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # ScoreError / SubmissionError (bad files) become one "error: ..." line and exit 2 in cli.main
+    result = score(args.truth, args.submission, verified=args.verified, iou_threshold=args.iou)
     print(result.to_json() if args.json else result.table())
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ..submission import SubmissionError, validate_submission
+    from ..submission import validate_submission
 
-    try:
-        problems = validate_submission(args.submission, args.sample_submission)
-    except SubmissionError as exc:  # the sample itself is unusable
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    problems = validate_submission(args.submission, args.sample_submission)  # unusable sample: exit 2
     for problem in problems:
         print(problem)
     if problems:

@@ -10,14 +10,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# PROB_COLUMNS: the out-of-fold format; .cells.csv adds border and rel_area
+from ..cv import PROB_COLUMNS
 from ..fsutil import atomic_path, write_text_atomic
-from ..labels import NUM_CLASSES
-from ..submission import validate_submission, write_submission
+from ..submission import (
+    SubmissionError,
+    read_submission,
+    validate_submission,
+    write_submission,
+)
 from .ensemble import PredictError
 
 log = logging.getLogger(__name__)
-
-PROB_COLUMNS = tuple(f"p{c}" for c in range(NUM_CLASSES))
 
 
 def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -86,10 +90,10 @@ def _finish(rows: dict[str, str], sample_csv: Path, out: Path, frames: list[pd.D
 def _read_part(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PredictError(f"{path}: submission part not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if list(df.columns) != ["ID", "ImageWidth", "ImageHeight", "PredictionString"]:
-        raise PredictError(f"{path}: not a submission (columns {list(df.columns)})")
-    return df
+    try:
+        return read_submission(path, kind="submission part")
+    except SubmissionError as exc:  # unreadable, another header or a bad size
+        raise PredictError(str(exc)) from None
 
 
 def _owned_ids(part: Path, df: pd.DataFrame, shards: dict[int, Path], n_seen: set[int]) -> set[str]:

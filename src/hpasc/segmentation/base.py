@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from ..config import SegmentationConfig
@@ -123,6 +124,14 @@ def resolve_device(name: str = "auto"):
         warnings.warn(f"segmentation.device={name!r} but CUDA is not available; using the CPU", RuntimeWarning)
         return torch.device("cpu")
     return device
+
+
+def rescale(image: np.ndarray, scale: float) -> np.ndarray:
+    """``image`` resized by ``scale`` (area interpolation, each side at least 1 px), or ``image`` itself
+    when that leaves its size unchanged: the working scale of a backend."""
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return image if size == (w, h) else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 def check_image(image: np.ndarray) -> np.ndarray:

@@ -18,11 +18,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from ..config import SegmentationConfig
-from .base import Backend, Segmentation, register_backend, resolve_device
+from .base import Backend, Segmentation, register_backend, rescale, resolve_device
 from .classic import nucleus_mask
 from .postprocess import finalize, min_areas, resize_labels
 
@@ -77,8 +76,7 @@ class CellposeBackend(Backend):
     def segment(self, image: np.ndarray) -> Segmentation:
         h, w = image.shape[:2]
         scale = self.cfg.scale
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        small = image if size == (w, h) else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        small = rescale(image, scale)
         two = np.stack([(small[..., 0] + small[..., 3]) / 2, small[..., 2]], axis=-1).astype(np.float32)
         diameter = self.cfg.cellpose_diameter * scale if self.cfg.cellpose_diameter else None
         if diameter is None and self.size_model is not None:

@@ -36,7 +36,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from ..config import SegmentationConfig
-from .base import Backend, Segmentation, register_backend
+from .base import Backend, Segmentation, register_backend, rescale
 from .postprocess import empty_segmentation, finalize, min_areas, resize_labels
 
 
@@ -125,9 +125,7 @@ class ClassicBackend(Backend):
     def _segment_at(self, image: np.ndarray, scale: float, params: ClassicParams | None = None):
         """(cells, nuclei, median radius of the nuclear blobs) at ``scale``, or None without nuclei."""
         p = params or self.params
-        h, w = image.shape[:2]
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        small = image if size == (w, h) else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        small = rescale(image, scale)
         mask = nucleus_mask(small[..., 2], p)
         if mask is None:
             return None

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import SegmentationConfig
-from ..fsutil import atomic_path
+from ..fsutil import read_csv
 from ..io import CHANNELS, EXTENSIONS, ImageReadError, read_image, write_png_atomic
 from .base import Segmentation, segment
 
@@ -45,12 +45,10 @@ def list_image_ids(images_dir: os.PathLike | str) -> list[str]:
 def read_id_list(ids: Sequence[str] | str | os.PathLike) -> list[str]:
     """IDs given as a sequence, or as a CSV file with an ``ID`` column (train.csv, sample_submission)."""
     if isinstance(ids, (str, os.PathLike)):
-        import pandas as pd
-
         path = Path(ids)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: ID list not found")
-        frame = pd.read_csv(path, dtype=str)
+        frame = read_csv(path, "ID list", dtype=str)  # a malformed file -> ValueError naming it
         if "ID" not in frame.columns:
             raise ValueError(f"{path}: no ID column (columns: {', '.join(frame.columns)})")
         return list(dict.fromkeys(frame["ID"].dropna()))
@@ -107,14 +105,6 @@ def overlay_image(image: np.ndarray, seg: Segmentation, max_side: int = 1024) ->
     return bgr
 
 
-def _write_overlay(path: Path, picture: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", picture)
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
-
-
 def segment_one(images_dir: os.PathLike | str, out_dir: os.PathLike | str, image_id: str,
                 cfg: SegmentationConfig, overlay: bool = False) -> int:
     """Segment one image of a folder and write its masks; returns the number of cells."""
@@ -122,7 +112,7 @@ def segment_one(images_dir: os.PathLike | str, out_dir: os.PathLike | str, image
     seg = segment(image, cfg)
     write_masks(out_dir, image_id, seg)
     if overlay:
-        _write_overlay(Path(out_dir) / "overlay" / f"{image_id}.png", overlay_image(image, seg))
+        write_png_atomic(Path(out_dir) / "overlay" / f"{image_id}.png", overlay_image(image, seg))
     return seg.n
 
 

@@ -22,7 +22,7 @@ from skimage.filters import threshold_otsu
 from skimage.segmentation import find_boundaries, watershed
 
 from ..config import SegmentationConfig
-from .base import Backend, Segmentation, register_backend, resolve_device
+from .base import Backend, Segmentation, register_backend, rescale, resolve_device
 from .postprocess import finalize, min_areas, relabel_consecutive
 
 MEAN = np.array([124.0, 117.0, 104.0], np.float32) / 255.0  # the DPN ImageNet constants
@@ -33,10 +33,7 @@ PAD = 32
 def prepare_input(channels: np.ndarray, scale: float) -> tuple[np.ndarray, tuple[int, int]]:
     """``H x W x 3`` float [0, 1] -> normalised ``(3, H', W')`` array (rescaled, reflect-padded by 32 on
     each side and up to a multiple of 32) and the (rows, cols) of the unpadded rescaled image."""
-    h, w = channels.shape[:2]
-    if scale != 1:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        channels = cv2.resize(channels, size, interpolation=cv2.INTER_AREA)
+    channels = rescale(channels, scale)
     rows, cols = channels.shape[:2]
     pad = ((PAD, PAD + (-rows) % 32), (PAD, PAD + (-cols) % 32), (0, 0))
     padded = np.pad(channels, pad, mode="symmetric")  # = cv2.BORDER_REFLECT, any pad size

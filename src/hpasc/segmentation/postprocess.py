@@ -30,6 +30,13 @@ def min_areas(shape: tuple[int, int], cfg: SegmentationConfig) -> tuple[int, int
     return int(cell), int(nucleus)
 
 
+def _on_edge(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """bool ``(n_labels,)``: label value ``i`` has a pixel on the first/last row/column."""
+    flags = np.zeros(n_labels, dtype=bool)
+    flags[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    return flags
+
+
 def cell_stats(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(border bool (n,), rel_area float32 (n,)) of a consecutive label map with cells 1..n.
 
@@ -41,9 +48,7 @@ def cell_stats(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"expected a 2-D label map, got shape {cells.shape}")
     n = int(cells.max(initial=0))
     area = np.bincount(cells.ravel(), minlength=n + 1)[1:].astype(np.float64)
-    edge = np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]])
-    border = np.zeros(n + 1, dtype=bool)
-    border[edge] = True
+    border = _on_edge(cells, n + 1)
     median = float(np.median(area)) if n else 1.0
     rel_area = (area / median if median > 0 else area).astype(np.float32)
     return border[1:], rel_area
@@ -57,7 +62,7 @@ def relabel_consecutive(labels: np.ndarray, keep: np.ndarray | None = None) -> n
     if keep is not None:
         present[: len(keep)] &= keep[: len(present)]
         present[len(keep):] = False
-    present[0] = False
+    present[:1] = False  # background; [:1] also fits an empty map
     lut = np.zeros(len(counts), dtype=np.int32)
     lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
     return lut[labels]
@@ -88,9 +93,7 @@ def finalize(cells: np.ndarray, nuclei: np.ndarray, min_cell_area: int = 1,
     out_cells = lut[cells]
     out_nuclei = np.where(nuc_mask, out_cells, 0).astype(np.int32)
     # border flags and relative areas from the counts above (no second pass over the pixels)
-    edge = np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]])
-    on_edge = np.zeros(n_labels, dtype=bool)
-    on_edge[edge] = True
+    on_edge = _on_edge(cells, n_labels)
     kept_area = area[keep].astype(np.float64)
     median = float(np.median(kept_area)) if kept_area.size else 1.0
     return Segmentation(out_cells, out_nuclei, on_edge[keep], (kept_area / median).astype(np.float32))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .postprocess import relabel_consecutive
+
 
 def iou_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """IoU of every (pred label, truth label) pair: float64 ``(n_pred + 1, n_truth + 1)``, row/column 0 =
@@ -44,10 +46,7 @@ def _compact(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.size and labels.min() < 0:
         raise ValueError("label maps must be non-negative")
-    present = np.bincount(labels.ravel()) > 0
-    present[:1] = False
-    lut = np.cumsum(present) * present
-    return lut[labels]
+    return relabel_consecutive(labels)
 
 
 def f1_at_iou(pred: np.ndarray, truth: np.ndarray, thr: float = 0.6) -> float:

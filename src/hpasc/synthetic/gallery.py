@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..fsutil import atomic_path
+from ..io import write_png_atomic
 from ..labels import CLASS_NAMES, NUM_CLASSES
 from .render import SyntheticImage, generate_image
 
@@ -52,9 +52,5 @@ def class_gallery(path: os.PathLike | str, size: int = 512, seed: int = 0, tile:
     rows = [np.concatenate(tiles[k: k + columns], axis=1) for k in range(0, len(tiles), columns)]
     sheet = np.concatenate(rows, axis=0)
     path = Path(path)
-    ok, buf = cv2.imencode(".png", sheet)
-    if not ok:
-        raise OSError(f"{path}: PNG encoding failed")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
+    write_png_atomic(path, sheet)
     return path

@@ -86,31 +86,31 @@ def read_folds(cfg: Config) -> pd.DataFrame:
 
 def ensure_masks(cfg: Config, ids: list[str], images_dir: Path, masks_dir: Path) -> list[str]:
     """Segment the training images once; returns the IDs that have masks (failures are left out)."""
-    def done(i: str) -> bool:
-        return (masks_dir / f"{i}.png").is_file() and (masks_dir / f"{i}_nuclei.png").is_file()
+    from ..segmentation.folder import mask_paths, segment_folder
 
-    if not all(done(i) for i in ids):
-        from ..segmentation import segment_folder
-
-        segment_folder(images_dir, masks_dir, cfg.segmentation, ids=ids, workers=max(cfg.train.num_workers, 1))
-    have = [i for i in ids if done(i)]
-    if len(have) < len(ids):
-        warnings.warn(f"{len(ids) - len(have)} training image(s) without masks are left out, "
-                      f"e.g. {next(i for i in ids if not done(i))}", stacklevel=2)
+    have = [i for i in ids if all(p.is_file() for p in mask_paths(masks_dir, i))]
+    if len(have) < len(ids):  # segment_folder skips the images done and returns those with masks
+        have = segment_folder(images_dir, masks_dir, cfg.segmentation, ids=ids,
+                              workers=max(cfg.train.num_workers, 1))
+    done = set(have)
+    missing = [i for i in ids if i not in done]
+    if missing:
+        warnings.warn(f"{len(missing)} training image(s) without masks are left out, e.g. {missing[0]}",
+                      stacklevel=2)
     return have
 
 
 def prepare_cells(cfg: Config, build: bool = True):
-    """The cell cache of the config's training images (built when ``build``, else only loaded)."""
+    """The cell cache of the config's training images (built when ``build``, else only loaded: the other
+    DDP ranks need neither the folds file nor the masks, which rank 0 has just made)."""
     from ..cells import build_cell_cache, cell_cache_dir, load_cell_cache
 
-    folds = read_folds(cfg)
-    root = data_root(cfg.data.root)
-    images_dir = root / "train"
+    images_dir = data_root(cfg.data.root) / "train"
     work = Path(cfg.data.work_dir)
     masks_dir = work / "masks" / "train"
     cache_dir = cell_cache_dir(work, cfg.segmentation.backend, cfg.cells)
     if build:
+        folds = read_folds(cfg)
         ids = ensure_masks(cfg, folds["ID"].tolist(), images_dir, masks_dir)
         cache = build_cell_cache(images_dir, masks_dir, ids, cfg.cells, cache_dir, labels=folds,
                                  workers=max(cfg.train.num_workers, 1))

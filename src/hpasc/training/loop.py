@@ -239,19 +239,16 @@ class Trainer:
 
     def _micro_step(self, batch: dict, accumulating: bool) -> dict:
         """Forward + backward of one batch; while ``accumulating`` DDP skips the gradient all-reduce."""
-        x = batch["image"].to(self.device, non_blocking=True)
+        if self.image_codes is not None:  # each cell's image in this batch, numbered 0..G-1 (on the CPU)
+            batch = {**batch, "group": torch.unique(self.image_codes[batch["index"]], return_inverse=True)[1]}
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        x = batch["image"]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         sync = self.model.no_sync() if (self.info.distributed and accumulating) else nullcontext()
         with sync:
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                if self.image_codes is None:
-                    outputs = self.model(x)
-                else:
-                    groups = torch.unique(self.image_codes[batch["index"].cpu()], return_inverse=True)[1]
-                    batch["group"] = groups.to(self.device)
-                    outputs = self.model(x, batch["group"])
+                outputs = self.model(x, batch.get("group"))
                 losses = self.criterion(outputs, batch)
             self.scaler.scale(losses["loss"] / self.cfg.train.accum_steps).backward()
         if not torch.isfinite(losses["loss"].detach()):
