@@ -219,3 +219,13 @@ def test_classic_on_synthetic_images(synth_small):
             labels[decode_mask(enc, h, w)] = k
         scores.append(f1_at_iou(segment(read_image(synth_small / "train", row.ID)).cells, labels))
     assert np.mean(scores) >= 0.9, scores
+
+
+def test_cell_stats_of_maps_without_cells():
+    from hpasc.segmentation import cell_stats
+
+    for cells in (np.zeros((0, 7), np.int32), np.zeros((5, 5), np.int32)):
+        border, rel_area = cell_stats(cells)
+        assert border.shape == (0,) and rel_area.shape == (0,)
+    border, rel_area = cell_stats(np.array([[0, 0, 0], [0, 1, 0], [0, 0, 2]], np.int32))
+    assert border.tolist() == [False, True] and rel_area.tolist() == [1.0, 1.0]

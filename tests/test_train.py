@@ -448,3 +448,17 @@ def test_oof_keeps_tiny_probabilities_distinct_from_zero(tmp_path):
     assert list(back.columns) == ["ID", "cell_id"] + [f"p{c}" for c in range(19)]
     assert back.loc[0, "p3"] == pytest.approx(1e-9, rel=1e-6) and back.loc[0, "p3"] > 0
     assert back.loc[1, "p7"] == pytest.approx(0.1234568, abs=1e-7)
+
+
+def test_a_corrupt_checkpoint_is_a_named_error(tmp_path):
+    from hpasc.train import TRAIN_ERRORS
+    from hpasc.training.state import CheckpointError, load_checkpoint, save_checkpoint
+
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"last\.pt: unreadable checkpoint"):
+        load_checkpoint(bad)
+    save_checkpoint({"epoch": 1}, bad)  # a readable file without model weights
+    with pytest.raises(CheckpointError, match=r"last\.pt: not an hpasc checkpoint"):
+        load_checkpoint(bad)
+    assert CheckpointError in TRAIN_ERRORS  # the CLI prints it as one line

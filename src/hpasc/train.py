@@ -24,11 +24,12 @@ from .models import ModelError
 from .training.distributed import DistInfo, barrier, cleanup, init_distributed
 from .training.fold_data import FoldData, TrainDataError, fold_data, prepare_cells
 from .training.loop import Trainer
+from .training.state import CheckpointError
 
 __all__ = ["run_dir", "train_fold", "train_folds", "train_on", "run_training", "FoldData", "TRAIN_ERRORS"]
 
 # Errors of the user's making (config, data, weights files): the CLI prints them without a traceback.
-TRAIN_ERRORS = (ConfigError, ModelError, TrainDataError, FileNotFoundError)
+TRAIN_ERRORS = (ConfigError, ModelError, TrainDataError, CheckpointError, FileNotFoundError)
 
 
 def run_dir(cfg: Config, fold: int) -> Path:

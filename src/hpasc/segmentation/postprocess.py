@@ -33,7 +33,8 @@ def min_areas(shape: tuple[int, int], cfg: SegmentationConfig) -> tuple[int, int
 def _on_edge(labels: np.ndarray, n_labels: int) -> np.ndarray:
     """bool ``(n_labels,)``: label value ``i`` has a pixel on the first/last row/column."""
     flags = np.zeros(n_labels, dtype=bool)
-    flags[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
+    if labels.size:  # an empty (0 x N) map has no edge pixels to index
+        flags[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
     return flags
 
 

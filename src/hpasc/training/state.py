@@ -119,6 +119,10 @@ def save_checkpoint(state: dict[str, Any], path: os.PathLike | str) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or is not one of hpasc's (names the file)."""
+
+
 def load_checkpoint(path: os.PathLike | str, device: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -126,7 +130,7 @@ def load_checkpoint(path: os.PathLike | str, device: str | torch.device = "cpu")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # truncated or foreign files raise several types
-        raise RuntimeError(f"{path}: unreadable checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from exc
     if not isinstance(state, dict) or "model" not in state:
-        raise RuntimeError(f"{path}: not an hpasc checkpoint (no model weights)")
+        raise CheckpointError(f"{path}: not an hpasc checkpoint (no model weights)")
     return state
