@@ -229,3 +229,30 @@ def test_cell_stats_of_maps_without_cells():
         assert border.shape == (0,) and rel_area.shape == (0,)
     border, rel_area = cell_stats(np.array([[0, 0, 0], [0, 1, 0], [0, 0, 2]], np.int32))
     assert border.tolist() == [False, True] and rel_area.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("backend", ["classic", "hpacellseg", "cellpose"])
+@pytest.mark.parametrize("scale", [0.0, -0.5, 1.5])
+def test_every_backend_rejects_a_working_scale_outside_0_1(backend, scale):
+    from hpasc.config import SegmentationConfig
+    from hpasc.segmentation.base import backend_class
+
+    cfg = SegmentationConfig(backend=backend, scale=scale)
+    with pytest.raises(ValueError, match=r"segmentation\.scale must be in \(0, 1\]"):
+        backend_class(backend)(cfg)
+
+
+def test_integer_images_scale_exactly_as_the_reader_does():
+    from hpasc.cells import _unit_float
+    from hpasc.io import integer_to_unit
+    from hpasc.segmentation.base import check_image
+
+    img8 = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(4, axis=2)
+    img16 = img8.astype(np.uint16) * 257  # the 16-bit twin of the 8-bit image
+    for img in (img8, img16):
+        expected = integer_to_unit(img)
+        assert expected.dtype == np.float32 and expected.max() == 1.0 and expected[0, 0, 0] == 0.0
+        np.testing.assert_array_equal(check_image(img), expected)
+        np.testing.assert_array_equal(_unit_float(img), expected)
+    np.testing.assert_array_equal(integer_to_unit(img8), integer_to_unit(img16))
+    assert integer_to_unit(np.zeros((2, 2), np.int32)) is None

@@ -31,7 +31,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .fsutil import atomic_path, read_csv, write_text_atomic
-from .io import CHANNELS, read_image
+from .io import CHANNELS, integer_to_unit, read_image
 
 CACHE_VERSION = 1
 TABLE_NAME = "cells.csv"
@@ -244,11 +244,8 @@ def _channel_stats(image: np.ndarray, labels: np.ndarray, n: int):  # pragma: no
 
 def _unit_float(image: np.ndarray) -> np.ndarray:
     """Intensities in [0, 1] whatever the input type, so table features compare across bit depths."""
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / np.float32(255.0)
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / np.float32(65535.0)
-    return np.asarray(image, dtype=np.float32)
+    scaled = integer_to_unit(image)
+    return scaled if scaled is not None else np.asarray(image, dtype=np.float32)
 
 
 def cell_table(image_id: str, image: np.ndarray, cells: np.ndarray, nuclei: np.ndarray) -> pd.DataFrame:

@@ -41,14 +41,24 @@ def channel_path(folder: os.PathLike | str, image_id: str, color: str) -> Path:
     raise ImageReadError(folder / f"{image_id}_{color}.png", "missing channel file")
 
 
-def _to_unit_float(arr: np.ndarray, path: Path) -> np.ndarray:
-    # true division (not a multiply by the rounded reciprocal): v/255 and 257v/65535 are the same real
-    # number, so correctly rounded division makes a 16-bit twin of an 8-bit image read bit-identically
-    # (one pass over the pixels: the ufunc casts on the fly, no float temporary)
+def integer_to_unit(arr: np.ndarray) -> np.ndarray | None:
+    """uint8 / 255 or uint16 / 65535 as float32 in [0, 1]; None for any other pixel type.
+
+    True division (not a multiply by the rounded reciprocal): v/255 and 257v/65535 are the same real
+    number, so correctly rounded division makes a 16-bit twin of an 8-bit image read bit-identically
+    (one pass over the pixels: the ufunc casts on the fly, no float temporary).
+    """
     if arr.dtype == np.uint8:
         return np.divide(arr, np.float32(255.0), dtype=np.float32)
     if arr.dtype == np.uint16:
         return np.divide(arr, np.float32(65535.0), dtype=np.float32)
+    return None
+
+
+def _to_unit_float(arr: np.ndarray, path: Path) -> np.ndarray:
+    scaled = integer_to_unit(arr)
+    if scaled is not None:
+        return scaled
     if arr.dtype.kind == "f":
         return np.clip(arr.astype(np.float32), 0.0, 1.0)
     raise ImageReadError(path, f"unsupported pixel type {arr.dtype}")

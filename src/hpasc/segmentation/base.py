@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from ..config import SegmentationConfig
+from ..io import integer_to_unit
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Backend(ABC):
 
     def __init__(self, cfg: SegmentationConfig | None = None):
         self.cfg = cfg or SegmentationConfig(backend=self.name)
+        if not 0 < self.cfg.scale <= 1:
+            raise ValueError(f"segmentation.scale must be in (0, 1], got {self.cfg.scale}")
 
     @abstractmethod
     def segment(self, image: np.ndarray) -> Segmentation:
@@ -141,10 +144,9 @@ def check_image(image: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected an H x W x 4 image (red, green, blue, yellow), got shape {image.shape}")
     if image.shape[0] < 8 or image.shape[1] < 8:
         raise ValueError(f"image too small to segment: {image.shape[1]}x{image.shape[0]} px")
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / np.float32(255.0)
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / np.float32(65535.0)
+    scaled = integer_to_unit(image)
+    if scaled is not None:
+        return scaled
     if image.dtype.kind != "f":
         raise ValueError(f"unsupported image dtype {image.dtype}")
     image = image.astype(np.float32, copy=False)

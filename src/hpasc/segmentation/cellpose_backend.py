@@ -62,8 +62,6 @@ class CellposeBackend(Backend):
                              "nothing is downloaded)")
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: segmentation.cellpose_model file not found")
-        if not 0 < self.cfg.scale <= 1:
-            raise ValueError(f"segmentation.scale must be in (0, 1], got {self.cfg.scale}")
         models = import_cellpose()
         logging.getLogger("cellpose").setLevel(logging.WARNING)
         device = resolve_device(self.cfg.device)

@@ -96,8 +96,6 @@ class ClassicBackend(Backend):
 
     def __init__(self, cfg: SegmentationConfig | None = None, params: ClassicParams | None = None):
         super().__init__(cfg)
-        if not 0 < self.cfg.scale <= 1:
-            raise ValueError(f"segmentation.scale must be in (0, 1], got {self.cfg.scale}")
         self.params = params or ClassicParams()
 
     def segment(self, image: np.ndarray) -> Segmentation:

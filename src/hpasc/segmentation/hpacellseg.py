@@ -111,8 +111,6 @@ class HpaCellSegBackend(Backend):
                                  "nothing is downloaded)")
             if not Path(value).is_file():
                 raise FileNotFoundError(f"{value}: {key} file not found")
-        if not 0 < self.cfg.scale <= 1:
-            raise ValueError(f"segmentation.scale must be in (0, 1], got {self.cfg.scale}")
         self.device = resolve_device(self.cfg.device)
         self.nuclei_model = load_dpn_unet(self.cfg.nuclei_weights, self.device)
         self.cell_model = load_dpn_unet(self.cfg.cell_weights, self.device)
