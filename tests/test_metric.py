@@ -184,9 +184,9 @@ def test_json_contract():
     [
         (sub(("i1", [(0, 0.9, "garbage")])), "submission i1: mask does not decode"),
         (sub(("i1", [(0, 0.9, seg(0, 5, 50))])), "does not decode at 100x1"),
-        (sub(("i1", [(19, 0.9, A)])), "class ids"),
+        (sub(("i1", [(19, 0.9, A)])), "triple 1: class '19' is not an id"),
         (sub(("i1", [(0, "nan", A)])), "not finite"),
-        (sub(("i1", [(0, "high", A)])), "bad class or confidence"),
+        (sub(("i1", [(0, "high", A)])), "confidence 'high' is not a number"),
         (sub(("i1", [])).assign(PredictionString="0 0.5"), "triples"),
         (sub(("i1", []), ("i1", [])), "duplicate"),
     ],

@@ -163,7 +163,7 @@ def test_validator_reports_each_problem_with_row_and_id(tmp_path, sample):
     assert all(isinstance(p, Problem) for p in problems)
     assert any("class '19' is not an id" in m and "triples 1;" in m for m in by_row[1])
     assert any("class 'x'" in m for m in by_row[1])
-    assert any("confidence is not finite" in m and "triples 3;" in m for m in by_row[1])
+    assert any("confidence 'nan' is not finite" in m and "triples 3;" in m for m in by_row[1])
     assert any("confidence 'high' is not a number" in m for m in by_row[1])
     assert any("size 6x4 differs from the sample's 6x3" in m for m in by_row[2])
     assert any("does not decode at 6x3" in m for m in by_row[2])
@@ -192,7 +192,7 @@ def test_validator_file_level_problems(tmp_path, sample):
     shuffled = validate_submission(_write(p, [("a", 4, 4, ""), ("c", 4, 4, ""), ("b", 6, 3, "")]), sample)
     assert len(shuffled) == 1 and "order (first difference at row 2)" in shuffled[0].message
     bad_size = validate_submission(_write(p, [("a", "four", 4, ""), ("b", 6, 3, ""), ("c", 4, 4, "")]), sample)
-    assert [q.row for q in bad_size] == [1] and "not positive integers" in bad_size[0].message
+    assert [q.row for q in bad_size] == [1] and "are not integers in 1..65536" in bad_size[0].message
     assert validate_submission(tmp_path / "nope.csv", sample)[0].message.startswith("cannot read")
 
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .fsutil import atomic_path, read_csv, write_text_atomic
 from .io import CHANNELS, integer_to_unit, read_image
+from .paths import check_id
 
 CACHE_VERSION = 1
 TABLE_NAME = "cells.csv"
@@ -366,14 +367,12 @@ def cell_cache_dir(work_dir: os.PathLike | str, backend: str, cells_cfg: Any) ->
     return Path(work_dir) / "cells" / f"{backend}-s{cells_cfg.size}-p{cells_cfg.padding:g}-{cells_cfg.neighbours}"
 
 
-def _mask_files(masks_dir: Path, image_id: str) -> list[Path]:
-    return [masks_dir / f"{image_id}.png", masks_dir / f"{image_id}_nuclei.png"]
-
-
 def _fingerprint(masks_dir: Path, image_id: str) -> str:
     """Size and mtime of the mask files: re-segmenting an image changes them."""
+    from .segmentation.folder import mask_paths
+
     parts = []
-    for path in _mask_files(masks_dir, image_id):
+    for path in mask_paths(masks_dir, image_id):
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -384,6 +383,7 @@ def _fingerprint(masks_dir: Path, image_id: str) -> str:
 
 def _part_paths(parts_dir: Path, image_id: str, key: dict, fp: str) -> tuple[Path, Path]:
     """Part files named by key + mask fingerprint: a part of other settings is never reused."""
+    check_id(image_id, str(parts_dir))
     digest = hashlib.sha1((json.dumps(key, sort_keys=True) + fp).encode()).hexdigest()[:12]
     return parts_dir / f"{image_id}.{digest}.npy", parts_dir / f"{image_id}.{digest}.csv"
 

@@ -10,12 +10,14 @@ default, so older run folders still load).
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -184,6 +186,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
@@ -193,14 +197,141 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
 
 
+# --------------------------------------------------------------------------- value rules
+
+def _at_least(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= lo), f">= {lo:g}"
+
+
+def _above(lo: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > lo), f"> {lo:g}"
+
+
+def _within(lo: float, hi: float, hi_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    if hi_open:
+        return (lambda v: lo <= v < hi), f"in [{lo:g}, {hi:g})"
+    return (lambda v: lo <= v <= hi), f"in [{lo:g}, {hi:g}]"
+
+
+def _length(n: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: len(v) == n), f"a list of {n} values"
+
+
+# "<Section class>.<field>" -> (test, what it asks); None values (where allowed) are not tested.
+# Tuples are tested item by item unless the rule is a length.
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "DataConfig.max_images": _at_least(1),
+    "SegmentationConfig.scale": _within(0.01, 1.0),
+    "SegmentationConfig.min_cell_area": _at_least(0),
+    "SegmentationConfig.min_nucleus_area": _at_least(0),
+    "SegmentationConfig.cellpose_diameter": _above(0),
+    "SegmentationConfig.flow_threshold": _at_least(0),
+    "CellsConfig.size": _within(8, 1024),
+    "CellsConfig.padding": _within(0, 1),
+    "CellsConfig.balance_cap": _at_least(1),
+    "CellsConfig.max_cells_per_image": _at_least(1),
+    "CellsConfig.mean": _length(4),
+    "CellsConfig.std": _length(4),
+    "ModelConfig.embedding_dim": _at_least(1),
+    "ModelConfig.dropout": _within(0, 1, hi_open=True),
+    "ModelConfig.drop_path_rate": _within(0, 1, hi_open=True),
+    "LossConfig.bce_weight": _at_least(0),
+    "LossConfig.triplet_weight": _at_least(0),
+    "LossConfig.triplet_margin": _at_least(0),
+    "LossConfig.label_smoothing": _within(0, 0.5),
+    "LossConfig.focal_gamma": _at_least(0),
+    "LossConfig.class_weights": _length(19),
+    "LossConfig.image_weight": _at_least(0),
+    "TrainConfig.epochs": _at_least(1),
+    "TrainConfig.batch_size": _at_least(1),
+    "TrainConfig.lr": _at_least(0),  # 0 freezes the weights (BatchNorm statistics still move)
+    "TrainConfig.weight_decay": _at_least(0),
+    "TrainConfig.warmup_epochs": _at_least(0),
+    "TrainConfig.accum_steps": _at_least(1),
+    "TrainConfig.grad_clip": _above(0),
+    "TrainConfig.ema": _within(0, 1, hi_open=True),
+    "TrainConfig.patience": _at_least(1),
+    "TrainConfig.num_workers": _at_least(0),
+    "TrainConfig.folds": _within(0, 99),
+    "TrainConfig.max_steps_per_epoch": _at_least(1),
+    "TrainConfig.min_lr_ratio": _within(0, 1),
+    "TrainConfig.checkpoint_every": _at_least(1),
+    "TrainConfig.val_batch_size": _at_least(1),
+    "TrainConfig.threads": _at_least(1),
+    "InferenceConfig.alpha": _at_least(0),
+    "InferenceConfig.topk": _at_least(1),
+    "InferenceConfig.border_weight": _within(0, 1),
+    "InferenceConfig.batch_size": _at_least(1),
+    "InferenceConfig.floor": _within(0, 1),
+    "InferenceConfig.vote_threshold": _within(0, 1),
+}
+_POSITIVE_ITEMS = {"CellsConfig.std": _above(0), "LossConfig.class_weights": _at_least(0)}
+
+# "<Section class>.<field>" -> "module:attribute" naming the registry (a mapping or a sequence of
+# names, or a function returning one) owned by the module that implements the choice. Imported only
+# when a config is checked, so plug-ins registered by name are accepted like the built-ins.
+CHOICES: dict[str, str] = {
+    "SegmentationConfig.backend": "hpasc.segmentation.base:available_backends",
+    "CellsConfig.neighbours": "hpasc.cells:NEIGHBOUR_MODES",
+    "CellsConfig.selection": "hpasc.data:SELECTIONS",
+    "CellsConfig.augment": "hpasc.data:AUGMENTATIONS",
+    "TrainConfig.select_metric": "hpasc.training.loop:SELECT_METRICS",
+    "InferenceConfig.recipe": "hpasc.confidence:RECIPES",
+    "InferenceConfig.image_agg": "hpasc.confidence:IMAGE_AGGREGATIONS",
+    "InferenceConfig.negative": "hpasc.confidence:NEGATIVE_MODES",
+    "InferenceConfig.tta": "hpasc.predict.ensemble:TTA_NAMES",
+}
+_DEVICE_FIELDS = {"SegmentationConfig.device", "TrainConfig.device"}
+
+
+def choices(key: str) -> list[str]:
+    """The accepted names of a choice setting (``"InferenceConfig.recipe"``), from its registry."""
+    module, attr = CHOICES[key].split(":")
+    found = getattr(importlib.import_module(module), attr)
+    return list(found() if callable(found) else found)
+
+
+def _check_value(key: str, value: Any, where: str) -> None:
+    if value is None:
+        return
+    if key in _DEVICE_FIELDS:
+        from .device import DeviceError, check_device_name
+
+        try:
+            check_device_name(value, where)
+        except DeviceError as exc:
+            raise ConfigError(str(exc)) from None
+    if key in CHOICES:
+        known = choices(key)
+        for item in value if isinstance(value, tuple) else (value,):
+            if item not in known:
+                raise ConfigError(f"{where}: unknown choice {item!r}; choices: {' | '.join(known)}")
+    rule = _RULES.get(key)
+    if rule is not None:
+        test, what = rule
+        items = [value] if not isinstance(value, tuple) or what.startswith("a list") else list(value)
+        for item in items:
+            if not test(item):
+                raise ConfigError(f"{where}: {value!r} is not {what}")
+    if key in _POSITIVE_ITEMS:
+        test, what = _POSITIVE_ITEMS[key]
+        if not all(test(v) for v in value):
+            raise ConfigError(f"{where}: every value must be {what}, got {value!r}")
+
+
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys and bad types are errors."""
+    """Build dataclass ``cls`` from a mapping; unknown keys, bad types, values out of range and unknown
+    choices are errors naming ``where`` and the key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        raise ConfigError(f"{where.rstrip(':')}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in data.items():
+        key_where = f"{where} {k}" if where.endswith(":") else f"{where}.{k}"  # "file.yaml: train.lr"
+        kwargs[k] = _coerce(v, hints[k], key_where)
+        _check_value(f"{cls.__name__}.{k}", kwargs[k], key_where)
     return cls(**kwargs)
 
 
@@ -243,9 +374,11 @@ def read_yaml_mapping(path: os.PathLike | str, what: str = "file", error: type[E
     if not path.is_file():
         raise error(f"{path}: {what} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise error(f"{path}: invalid YAML ({exc})") from exc
+        raise error(f"{path}: invalid YAML ({str(exc)[:300]})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: the top level must be a mapping")
     return data
@@ -258,10 +391,10 @@ def load_config(path: os.PathLike | str | None = None, overrides: list[str] | tu
     The config's ``name`` defaults to the file's stem, so ``configs/b0.yaml`` runs in ``runs/b0/``.
     """
     data: dict = {}
-    where = "config"
+    where = "config:"
     if path is not None:
         path = Path(path)
-        where = str(path)
+        where = f"{path}:"
         data = read_yaml_mapping(path, "config file")
         if cls is Config:
             data.setdefault("name", path.stem)

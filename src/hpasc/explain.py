@@ -235,8 +235,9 @@ def explain_image(run_dir: str | os.PathLike, image_id: str, cell: int | None = 
     from .models import load_run
     from .paths import data_root
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .device import resolve_device
+
+    device = str(resolve_device(device, where="explain --device"))
     cfg, model = load_run(run_dir, which=which, device=device)
     images = Path(images_dir) if images_dir else data_root(cfg.data.root) / "train"
     masks = Path(masks_dir) if masks_dir else masks_dir_of(cfg)

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from .fsutil import atomic_path
+from .paths import check_id
 
 CHANNELS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -34,6 +35,7 @@ class ImageReadError(OSError):
 def channel_path(folder: os.PathLike | str, image_id: str, color: str) -> Path:
     """The existing file of one channel, trying the known extensions in order."""
     folder = Path(folder)
+    check_id(image_id, str(folder))
     for ext in EXTENSIONS:
         path = folder / f"{image_id}_{color}{ext}"
         if path.is_file():
@@ -64,11 +66,26 @@ def _to_unit_float(arr: np.ndarray, path: Path) -> np.ndarray:
     raise ImageReadError(path, f"unsupported pixel type {arr.dtype}")
 
 
-def _jpeg_complete(path: Path) -> bool:
-    """OpenCV decodes a cut-off JPEG without error (grey rest); a complete one ends with FFD9."""
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _truncation(path: Path) -> str | None:
+    """Why a PNG or JPEG file (recognised by its content, whatever its name) is cut off, or None.
+
+    OpenCV decodes a cut-off JPEG without error (the rest grey) and some cut-off PNGs too; a complete
+    JPEG ends with the end-of-image marker FFD9, a complete PNG with its IEND chunk.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as fh:
-        fh.seek(max(0, path.stat().st_size - 32))
-        return b"\xff\xd9" in fh.read()
+        head = fh.read(8)
+        fh.seek(max(0, size - 32))
+        tail = fh.read()
+    if head.startswith(_JPEG_MAGIC) and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if head == _PNG_MAGIC and b"IEND" not in tail:
+        return "truncated PNG (no IEND chunk)"
+    return None
 
 
 def _read_raw(path: Path) -> np.ndarray:
@@ -83,11 +100,12 @@ def _read_raw(path: Path) -> np.ndarray:
         except Exception as exc:  # tifffile raises many types for corrupt files
             raise ImageReadError(path, f"unreadable TIFF ({exc})") from exc
     else:
+        problem = _truncation(path)
+        if problem:
+            raise ImageReadError(path, problem)
         arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if arr is None:
             raise ImageReadError(path, "unreadable or truncated image file")
-        if path.suffix.lower() in (".jpg", ".jpeg") and not _jpeg_complete(path):
-            raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
     arr = np.asarray(arr)
     if arr.ndim == 3:  # RGB(A) rendering of a single channel: keep the brightest component
         arr = arr[..., :3].max(axis=2)
@@ -156,6 +174,7 @@ def write_image(folder: os.PathLike | str, image_id: str, image: np.ndarray, bit
     """H x W x 4 float image in [0, 1] -> four ``{ID}_{color}.png`` files of the given bit depth."""
     if image.ndim != 3 or image.shape[2] != 4:
         raise ValueError(f"expected H x W x 4, got {image.shape}")
+    check_id(image_id, str(folder))
     data = to_uint(image, bits)
     for k, color in enumerate(CHANNELS):
         write_png_atomic(Path(folder) / f"{image_id}_{color}.png", np.ascontiguousarray(data[..., k]))

@@ -43,9 +43,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .labels import CLASS_NAMES, NUM_CLASSES, LabelError, parse_label
+from .labels import CLASS_NAMES, NUM_CLASSES
 from .rle import MaskDecodeError, mask_runs
-from .submission import COLUMNS, read_submission
+from .submission import COLUMNS, SubmissionError, parse_prediction_string, parse_truth_string, read_submission
 
 IOU_THRESHOLD = 0.6
 VERIFIED = ("gt", "all")
@@ -207,32 +207,18 @@ def average_precision(tp: np.ndarray, n_truth: int) -> float | None:
 
 def truth_cells(image_id: str, text: str) -> tuple[list[str], list[tuple[int, ...]]]:
     """Truth PredictionString (``labels mask`` pairs) -> (mask strings, labels per cell); ScoreError if bad."""
-    tokens = text.split()
-    if len(tokens) % 2:
-        raise ScoreError(f"truth {image_id}: PredictionString has {len(tokens)} tokens, not `labels mask` pairs")
     try:
-        labels = [parse_label(t) for t in tokens[0::2]]
-    except LabelError as exc:
-        raise ScoreError(f"truth {image_id}: {exc}") from None
-    return tokens[1::2], labels
+        return parse_truth_string(text, f"truth {image_id}")
+    except SubmissionError as exc:
+        raise ScoreError(str(exc)) from None
 
 
 def _predictions(image_id: str, text: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    tokens = text.split()
-    if len(tokens) % 3:
-        raise ScoreError(
-            f"submission {image_id}: PredictionString has {len(tokens)} tokens, not `class confidence mask` triples"
-        )
     try:
-        classes = np.array(tokens[0::3], dtype=np.int64) if tokens else np.zeros(0, np.int64)
-        conf = np.array(tokens[1::3], dtype=np.float64) if tokens else np.zeros(0)
-    except ValueError as exc:
-        raise ScoreError(f"submission {image_id}: bad class or confidence ({exc})") from None
-    if ((classes < 0) | (classes >= NUM_CLASSES)).any():
-        raise ScoreError(f"submission {image_id}: class ids must be in 0..{NUM_CLASSES - 1}")
-    if not np.isfinite(conf).all():
-        raise ScoreError(f"submission {image_id}: a confidence is not finite")
-    return classes, conf, tokens[2::3]
+        triples = parse_prediction_string(text, f"submission {image_id}")
+    except SubmissionError as exc:
+        raise ScoreError(str(exc)) from None
+    return triples.classes, triples.conf, triples.masks
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -322,6 +308,8 @@ def score(
     """
     if verified not in VERIFIED:
         raise ValueError(f"verified must be one of {VERIFIED}, got {verified!r}")
+    if not 0 < iou_threshold <= 1:  # also catches NaN
+        raise ScoreError(f"IoU threshold must be in (0, 1], got {iou_threshold}")
     truth_df = _frame(truth, read_truth)
     sub_df = _frame(submission, read_submission)
     for name, df in (("truth", truth_df), ("submission", sub_df)):

@@ -8,11 +8,31 @@ Resolution order of the competition data root: explicit argument > ``$HPASC_INPU
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 COMPETITION = "hpa-single-cell-image-classification"
 MODELS_DATASET = "hpasc-models"
 WHEELS_DATASET = "hpasc-wheels"
+
+
+# a plain file-name stem: competition IDs are UUIDs, public HPA ones look like 10580_1610_C1_1
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+class BadIDError(ValueError):
+    """An image ID that is not a plain file-name stem (it would be joined into paths)."""
+
+
+def check_id(image_id: object, where: str = "") -> str:
+    """``image_id`` when it is a plain name (letters, digits, ``.``, ``_``, ``-``; not starting with a dot;
+    at most 200 characters), else ``BadIDError``. Every path built from an ID goes through this, so an ID
+    from a data file can never point outside its folder (``../x``, ``/abs``, ``C:x``, ``a\\b``)."""
+    if isinstance(image_id, str) and _PLAIN_ID.fullmatch(image_id):
+        return image_id
+    prefix = f"{where}: " if where else ""
+    raise BadIDError(f"{prefix}image ID {image_id!r} is not a plain name (letters, digits, '.', '_', '-'; "
+                     "no path separators, not starting with '.')")
 
 
 def kaggle_root() -> Path:

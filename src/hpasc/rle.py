@@ -271,11 +271,37 @@ def _runs_from_counts(cnts: np.ndarray):
     return starts[:r].copy(), ends[:r].copy(), pos
 
 
-def counts_bytes(encoded: str | bytes) -> bytes:
-    """The competition's base64 string -> the pycocotools ``counts`` bytes (base64 + zlib undone)."""
+def max_counts_bytes(height: int, width: int) -> int:
+    """The longest ``counts`` string a valid mask of ``height x width`` can have.
+
+    Each run is at least one pixel (but the first) and a run length of v takes ceil((bits(v) + 1) / 5)
+    characters, delta-coded against a run of at most the same size; summed over at most h*w + 1 runs
+    that stays below 2 h w + 16. Inflating a string past this bound is refused before it costs memory.
+    """
+    return 2 * int(height) * int(width) + 64
+
+
+def counts_bytes(encoded: str | bytes, max_bytes: int | None = None) -> bytes:
+    """The competition's base64 string -> the pycocotools ``counts`` bytes (base64 + zlib undone).
+
+    ``max_bytes`` bounds the inflated size (a zlib bomb of a few hundred KB would otherwise need GBs);
+    a string that inflates past it raises ``MaskDecodeError``.
+    """
     try:
-        return zlib.decompress(base64.b64decode(encoded, validate=True))
+        raw = base64.b64decode(encoded, validate=True)
+        if max_bytes is None:
+            return zlib.decompress(raw)
+        inflater = zlib.decompressobj()
+        out = inflater.decompress(raw, max_bytes + 1)
+        if len(out) > max_bytes:
+            raise MaskDecodeError(f"mask string inflates past {max_bytes} bytes, more than any mask of "
+                                  "this image size can need")
+        if not inflater.eof:
+            raise MaskDecodeError("not a base64 zlib mask string (incomplete zlib stream)")
+        return out
     except (binascii.Error, ValueError, zlib.error) as exc:
+        if isinstance(exc, MaskDecodeError):
+            raise
         raise MaskDecodeError(f"not a base64 zlib mask string ({exc})") from None
 
 
@@ -286,7 +312,7 @@ def mask_runs(encoded: str | bytes, height: int, width: int) -> tuple[np.ndarray
     disjoint; the area is ``(ends - starts).sum()``. Raises ``MaskDecodeError`` when the string is not
     valid or its run lengths do not add up to ``height * width``.
     """
-    raw = np.frombuffer(counts_bytes(encoded), np.uint8)
+    raw = np.frombuffer(counts_bytes(encoded, max_counts_bytes(height, width)), np.uint8)
     code, cnts = _parse_counts(raw)
     if code:
         raise MaskDecodeError(_ERRORS[code])

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .fsutil import atomic_path
-from .labels import NUM_CLASSES
+from .labels import NUM_CLASSES, LabelError, parse_label
 from .rle import MaskDecodeError, encode_label_map, mask_runs
 
 COLUMNS: tuple[str, ...] = ("ID", "ImageWidth", "ImageHeight", "PredictionString")
@@ -94,29 +94,73 @@ def image_prediction_string(
 # files
 
 
+MAX_SIDE = 65536  # a larger image side is a typo or an attack, never a microscope image
+
+
+def parse_size(text: object) -> int | None:
+    """An ``ImageWidth``/``ImageHeight`` cell -> int in 1..MAX_SIDE, or None. Accepts ``2048`` and
+    ``2048.0`` (a float column), never ``1e400``, ``10**23`` or ``-5``."""
+    text = str(text).strip()
+    if text.endswith(".0"):
+        text = text[:-2]
+    if not (text.isascii() and text.isdecimal() and len(text) <= 6):
+        return None
+    value = int(text)
+    return value if 0 < value <= MAX_SIDE else None
+
+
 def read_submission(path: os.PathLike | str, kind: str = "submission") -> pd.DataFrame:
     """A ``ID,ImageWidth,ImageHeight,PredictionString`` CSV -> DataFrame (sizes int, strings str).
 
-    Empty PredictionStrings stay ``""``. Raises ``SubmissionError`` naming the file when it cannot be
-    read, its header differs or a size is not a positive integer. ``kind`` only words the messages.
+    Empty PredictionStrings stay ``""``; a UTF-8 byte-order mark is ignored (as by ``validate``).
+    Raises ``SubmissionError`` naming the file when it cannot be read, its header differs or a size is
+    not an integer in 1..MAX_SIDE (naming the row). ``kind`` only words the messages.
     """
     path = Path(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SubmissionError(f"{kind} {path}: cannot read ({exc})") from None
+        raise SubmissionError(f"{kind} {path}: cannot read ({str(exc)[:200]})") from None
     if tuple(df.columns) != COLUMNS:
-        raise SubmissionError(f"{kind} {path}: header is {','.join(df.columns)}, expected {','.join(COLUMNS)}")
+        raise SubmissionError(f"{kind} {path}: header is {','.join(df.columns)[:200]}, expected {','.join(COLUMNS)}")
     for col in ("ImageWidth", "ImageHeight"):
-        values = pd.to_numeric(df[col], errors="coerce")
-        bad = ~(values > 0) | (values != values.round())
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise SubmissionError(
-                f"{kind} {path}: row {i + 1} ({df.ID.iat[i]}): {col} {df[col].iat[i]!r} is not a positive integer"
-            )
-        df[col] = values.astype(np.int64)
+        values = [parse_size(v) for v in df[col]]
+        bad = [i for i, v in enumerate(values) if v is None]
+        if bad:
+            i = bad[0]
+            raise SubmissionError(f"{kind} {path}: row {i + 1} ({str(df.ID.iat[i])[:80]}): {col} "
+                                  f"{str(df[col].iat[i])[:40]!r} is not an integer in 1..{MAX_SIDE}")
+        df[col] = np.asarray(values, np.int64)
     return df
+
+
+def read_sample(path: os.PathLike | str, bad_ids: str = "error") -> tuple[pd.DataFrame, dict[str, str]]:
+    """The sample submission, checked before any long run: sizes, duplicate IDs and IDs that are not
+    plain names (they become file names) are named with their rows.
+
+    ``bad_ids="error"`` raises ``SubmissionError`` for the first bad ID; ``"keep"`` (the Kaggle kernel,
+    which must still write every row) returns them as ``{ID: reason}`` beside the frame. Duplicates are
+    always an error: no submission can be written for them.
+    """
+    from .paths import BadIDError, check_id
+
+    if bad_ids not in ("error", "keep"):
+        raise ValueError(f"bad_ids must be 'error' or 'keep', got {bad_ids!r}")
+    sample = read_submission(path, kind="sample submission")
+    first: dict[str, int] = {}
+    bad: dict[str, str] = {}
+    for r, image_id in enumerate(sample.ID, start=1):
+        if image_id in first:
+            raise SubmissionError(f"sample submission {path}: row {r}: duplicate ID {image_id[:80]!r} "
+                                  f"(first at row {first[image_id]})")
+        first[image_id] = r
+        try:
+            check_id(image_id)
+        except BadIDError as exc:
+            if bad_ids == "error":
+                raise SubmissionError(f"sample submission {path}: row {r}: {exc}") from None
+            bad[image_id] = str(exc)
+    return sample, bad
 
 
 def _sample_frame(sample: os.PathLike | str | pd.DataFrame) -> pd.DataFrame:
@@ -144,7 +188,8 @@ def write_submission(
     sample = _sample_frame(sample_submission)
     ids = sample["ID"].astype(str).tolist()
     if len(set(ids)) != len(ids):
-        raise SubmissionError("sample submission has duplicate IDs")
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise SubmissionError(f"sample submission has duplicate IDs, e.g. {dup[:80]!r}")
     unknown = sorted(set(rows) - set(ids))
     if unknown:
         raise SubmissionError(f"{len(unknown)} predicted IDs are not in the sample submission: {unknown[:5]}")
@@ -186,26 +231,92 @@ class Problem:
         return f"{where}: {self.message}"
 
 
+# ---------------------------------------------------------------------------------------------------
+# parsing PredictionStrings (the one parser: validator, scorer, blending and the demo all use it)
+
+
+def _class_problem(token: str) -> str | None:
+    # isdecimal() alone admits non-ASCII digits and 10**23 would overflow int64 later: check the text
+    if token.isascii() and token.isdecimal() and len(token) <= 2 and int(token) < NUM_CLASSES:
+        return None
+    return f"class {token[:20]!r} is not an id in 0..{NUM_CLASSES - 1}"
+
+
+def _confidence(token: str) -> tuple[float, str | None]:
+    try:
+        value = float(token)
+    except ValueError:
+        return math.nan, f"confidence {token[:20]!r} is not a number"
+    if not math.isfinite(value):
+        return value, f"confidence {token[:20]!r} is not finite"
+    if value < 0:
+        return value, f"confidence {token[:20]!r} is negative"
+    return value, None
+
+
+@dataclass(frozen=True)
+class Triples:
+    """A parsed submission PredictionString: one entry per ``class confidence mask`` triple, in order."""
+
+    classes: np.ndarray  # int64
+    conf: np.ndarray  # float64, finite, >= 0
+    masks: list[str]
+
+
+def _tokens(text: object) -> list[str]:
+    return text.split() if isinstance(text, str) else []
+
+
+def parse_prediction_string(text: object, where: str = "PredictionString") -> Triples:
+    """``"class confidence mask ..."`` -> ``Triples``; the first bad token raises ``SubmissionError``
+    naming ``where`` and the triple. Masks are not decoded here (``hpasc.rle.mask_runs`` does that)."""
+    tokens = _tokens(text)
+    if len(tokens) % 3:
+        raise SubmissionError(f"{where}: {len(tokens)} tokens, not `class confidence mask` triples")
+    n = len(tokens) // 3
+    classes = np.zeros(n, np.int64)
+    conf = np.zeros(n, np.float64)
+    for t in range(n):
+        problem = _class_problem(tokens[3 * t])
+        conf[t], conf_problem = _confidence(tokens[3 * t + 1])
+        problem = problem or conf_problem
+        if problem:
+            raise SubmissionError(f"{where}: triple {t + 1}: {problem}")
+        classes[t] = int(tokens[3 * t])
+    return Triples(classes, conf, tokens[2::3])
+
+
+def parse_truth_string(text: object, where: str = "truth") -> tuple[list[str], list[tuple[int, ...]]]:
+    """Truth PredictionString (``labels mask`` pairs, labels ``|``-joined) -> (mask strings, labels per
+    cell); ``SubmissionError`` naming ``where`` and the pair when a label is bad."""
+    tokens = _tokens(text)
+    if len(tokens) % 2:
+        raise SubmissionError(f"{where}: PredictionString has {len(tokens)} tokens, not `labels mask` pairs")
+    labels = []
+    for k, token in enumerate(tokens[0::2]):
+        try:
+            labels.append(parse_label(token[:200]))
+        except LabelError as exc:
+            raise SubmissionError(f"{where}: pair {k + 1}: {exc}") from None
+    return tokens[1::2], labels
+
+
 def _row_problems(text: str, height: int | None, width: int | None) -> list[str]:
     """What is wrong with one PredictionString (masks checked at ``height x width`` when known)."""
-    tokens = text.split()
+    tokens = _tokens(text)
     if len(tokens) % 3:
         return [f"PredictionString has {len(tokens)} tokens, not a multiple of 3 (class confidence mask)"]
     found: dict[str, list[int]] = {}  # message -> 1-based triple numbers
 
-    def note(msg: str, t: int) -> None:
-        found.setdefault(msg, []).append(t)
+    def note(msg: str | None, t: int) -> None:
+        if msg:
+            found.setdefault(msg, []).append(t)
 
     mask_state: dict[str, str | None] = {}  # mask string -> problem (None = fine), decoded once
     for t in range(len(tokens) // 3):
         cls, conf, mask = tokens[3 * t : 3 * t + 3]
-        if not (cls.isdecimal() and int(cls) < NUM_CLASSES):  # isdigit() admits '²', which int() rejects
-            note(f"class {cls!r} is not an id in 0..{NUM_CLASSES - 1}", t + 1)
-        try:
-            if not math.isfinite(float(conf)):
-                note("confidence is not finite", t + 1)
-        except ValueError:
-            note(f"confidence {conf!r} is not a number", t + 1)
+        note(_class_problem(cls), t + 1)
+        note(_confidence(conf)[1], t + 1)
         if height is None:
             continue
         if mask not in mask_state:
@@ -214,8 +325,7 @@ def _row_problems(text: str, height: int | None, width: int | None) -> list[str]
                 mask_state[mask] = None if len(starts) else "mask is empty"
             except MaskDecodeError as exc:
                 mask_state[mask] = f"mask does not decode at {width}x{height}: {exc}"
-        if mask_state[mask]:
-            note(mask_state[mask], t + 1)
+        note(mask_state[mask], t + 1)
     out = []
     for msg, triples in found.items():
         more = f" (triples {', '.join(map(str, triples[:5]))}{', ...' if len(triples) > 5 else ''}"
@@ -232,18 +342,18 @@ def validate_submission(path: os.PathLike | str, sample_csv: os.PathLike | str) 
     empty. An empty list means the file is fine.
     """
     path = Path(path)
-    sample = read_submission(sample_csv, kind="sample submission")
+    sample, _ = read_sample(sample_csv, bad_ids="keep")  # duplicate IDs in the sample: an error
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             header = fh.readline().rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
         return [Problem(0, "", f"cannot read {path}: {exc}")]
     if header != ",".join(COLUMNS):
         return [Problem(0, "", f"header is {header!r}, expected {','.join(COLUMNS)!r}")]
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        return [Problem(0, "", f"cannot parse {path}: {exc}")]
+        return [Problem(0, "", f"cannot parse {path}: {str(exc)[:200]}")]
 
     problems: list[Problem] = []
     sample_size = {
@@ -259,15 +369,12 @@ def validate_submission(path: os.PathLike | str, sample_csv: os.PathLike | str) 
         size = sample_size.get(image_id)
         if size is None:
             msgs.append("ID is not in the sample submission")
-        try:
-            w, h = int(w_text), int(h_text)
-            if w <= 0 or h <= 0:
-                raise ValueError
-            if size is not None and (w, h) != size:
-                msgs.append(f"size {w}x{h} differs from the sample's {size[0]}x{size[1]}")
-        except ValueError:
-            msgs.append(f"ImageWidth/ImageHeight {w_text!r}/{h_text!r} are not positive integers")
+        w, h = parse_size(w_text), parse_size(h_text)
+        if w is None or h is None:
+            msgs.append(f"ImageWidth/ImageHeight {w_text[:20]!r}/{h_text[:20]!r} are not integers in 1..{MAX_SIDE}")
             w = h = None
+        elif size is not None and (w, h) != size:
+            msgs.append(f"size {w}x{h} differs from the sample's {size[0]}x{size[1]}")
         if size is not None:
             w, h = size  # masks must decode at the real image size
         msgs += _row_problems(text, h, w)

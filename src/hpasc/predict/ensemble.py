@@ -103,11 +103,10 @@ def _member_weights(runs: list[Path], weights: dict[str, float] | None, source: 
 
 
 def resolve_device(name: str = "auto") -> str:
-    import torch
+    """The inference device by the project's one rule (``hpasc.device``), as a string."""
+    from ..device import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve(name, where="predict --device"))
 
 
 def load_ensemble(run_dirs: Iterable[str | os.PathLike], weights: str | os.PathLike | None = None,

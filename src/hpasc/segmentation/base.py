@@ -116,17 +116,10 @@ def get_backend(name: str, cfg: SegmentationConfig | None = None) -> Backend:
 
 
 def resolve_device(name: str = "auto"):
-    """``auto`` -> CUDA when available, else CPU; an unavailable CUDA request falls back to CPU with a
-    warning (the same config then runs on a laptop and on a Kaggle GPU)."""
-    import torch
+    """The backend's ``torch.device`` by the project's one rule (``hpasc.device``)."""
+    from ..device import resolve_device as resolve
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn(f"segmentation.device={name!r} but CUDA is not available; using the CPU", RuntimeWarning)
-        return torch.device("cpu")
-    return device
+    return resolve(name, where="segmentation.device")
 
 
 def rescale(image: np.ndarray, scale: float) -> np.ndarray:

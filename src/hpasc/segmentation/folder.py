@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import SegmentationConfig
 from ..fsutil import read_csv
+from ..paths import check_id
 from ..io import CHANNELS, EXTENSIONS, ImageReadError, read_image, write_png_atomic
 from .base import Segmentation, segment
 
@@ -29,6 +30,7 @@ MAX_LABEL = np.iinfo(np.uint16).max
 def mask_paths(masks_dir: os.PathLike | str, image_id: str) -> tuple[Path, Path]:
     """(cells PNG, nuclei PNG) of one image."""
     masks_dir = Path(masks_dir)
+    check_id(image_id, str(masks_dir))
     return masks_dir / f"{image_id}.png", masks_dir / f"{image_id}_nuclei.png"
 
 

@@ -33,16 +33,11 @@ class DistInfo:
 
 
 def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local rank's GPU when CUDA is available, else CPU; ``cpu``/``cuda``/``cuda:1`` as given."""
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(pref)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device is {pref!r} but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return device
+    """The training device by the project's one rule (``hpasc.device``): ``auto`` -> the local rank's GPU
+    when CUDA is available, else CPU."""
+    from ..device import resolve_device
+
+    return resolve_device(pref, local_rank, where="train.device")
 
 
 def init_distributed(device_pref: str = "auto") -> DistInfo:

@@ -59,13 +59,15 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+SELECT_METRICS = ("auto", "comp_map", "map", "auc")  # train.select_metric (checked when a config loads)
+
+
 def select_metric_name(cfg: Config, has_truth: bool) -> str:
     name = cfg.train.select_metric
     if name == "auto":
         return "val_comp_map" if has_truth else "val_map"
-    known = ("comp_map", "map", "auc")
-    if name not in known:
-        raise ValueError(f"train.select_metric={name!r}: expected auto or one of {', '.join(known)}")
+    if name not in SELECT_METRICS:
+        raise ValueError(f"train.select_metric={name!r}: expected one of {', '.join(SELECT_METRICS)}")
     if name == "comp_map" and not has_truth:
         raise ValueError("train.select_metric=comp_map needs data.truth_csv (cell-level truth)")
     return f"val_{name}"
