@@ -28,6 +28,35 @@ def synth_small(tmp_path_factory) -> Path:
     return out
 
 
+TINY_RUN = {  # a timm test network at 32 px: milliseconds per batch on a CPU
+    "model.name": "test_efficientnet", "model.embedding_dim": 16, "cells.size": 32,
+    "inference.batch_size": 16, "inference.tta": ["none", "hflip"],
+}
+
+
+def _make_run(root: Path, config: str, fold: int, seed: int, **changes) -> Path:
+    """A run folder with a randomly initialised model: config.yaml + best.pt, as hpasc.train writes."""
+    import torch
+
+    from hpasc.config import Config, replace, save_config
+    from hpasc.models import build_model
+
+    cfg = replace(Config(name=config), **{**TINY_RUN, **changes})
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    run = root / config / f"fold{fold}"
+    run.mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")
+    torch.save({"model": model.state_dict()}, run / "best.pt")
+    return run
+
+
+@pytest.fixture(scope="session")
+def make_run():
+    """``make_run(root, config, fold, seed, **changes)`` -> a run folder with a random tiny model."""
+    return _make_run
+
+
 @pytest.fixture
 def one_torch_thread():
     """One torch thread for the test: on 2 shared cores, OpenMP oversubscription slows steps several-fold."""

@@ -7,11 +7,11 @@ import pytest
 import yaml
 
 from hpasc.blend import (BlendError, blend_image, blend_runs, blend_submissions, coordinate_search,
-                         FoldObjective, parse_prediction_string, search_weights)
+                         FoldObjective, cell_confidences, search_weights)
 from hpasc.cv import load_cv_data
 from hpasc.labels import NUM_CLASSES
 from hpasc.rle import encode_mask
-from test_cv import build_world
+from builders import build_world
 
 # --------------------------------------------------------------------------- weights over runs
 
@@ -114,7 +114,7 @@ def write_sub(path, rows):
 
 def parsed(path) -> dict[str, dict[str, np.ndarray]]:
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return {i: parse_prediction_string(s) for i, s in zip(df.ID, df.PredictionString)}
+    return {i: cell_confidences(s) for i, s in zip(df.ID, df.PredictionString)}
 
 
 def test_blending_identical_files_is_the_identity(tmp_path):
@@ -165,11 +165,11 @@ def test_bad_weights_and_missing_images(tmp_path):
         blend_submissions([one, one], tmp_path / "o.csv", weights=[0, 0])
     with pytest.raises(BlendError, match=r"two\.csv: image img2 is missing"):
         blend_submissions([one, two], tmp_path / "o.csv", progress=False)
-    with pytest.raises(BlendError, match="not a multiple of 3"):
-        parse_prediction_string("0 0.5", "img9")
+    with pytest.raises(BlendError, match="not `class confidence mask` triples"):
+        cell_confidences("0 0.5", "img9")
     for bad in ("nan", "inf"):
-        with pytest.raises(BlendError, match="img9: triple 2 has a confidence that is not finite"):
-            parse_prediction_string(f"0 0.5 m 1 {bad} m", "img9")
+        with pytest.raises(BlendError, match="img9: triple 2: confidence .* is not finite"):
+            cell_confidences(f"0 0.5 m 1 {bad} m", "img9")
 
 
 def test_cli_both_modes(tmp_path, capsys):

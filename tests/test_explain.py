@@ -117,7 +117,7 @@ def test_explain_image_writes_overlays_from_a_run_folder(tmp_path):
     from hpasc.cli import main
     from hpasc.config import load_config, replace, save_config
     from hpasc.models import build_model
-    from test_cv import build_world, perfect
+    from builders import build_world, perfect
 
     world = build_world(tmp_path, {"a": perfect}, n_images=2, n_folds=1, with_images=True)
     run = world["runs"] / "a" / "fold0"

@@ -52,9 +52,7 @@ def test_kernel_installs_from_the_wheels_only_when_import_fails(tmp_path, monkey
     assert cmd[-1] == "hpasc_not_installed_anywhere"
 
 
-def test_build_datasets_packs_runs_into_the_models_layout(tmp_path):
-    from test_predict import make_run
-
+def test_build_datasets_packs_runs_into_the_models_layout(tmp_path, make_run):
     make_run(tmp_path / "runs", "tiny", 0, seed=1)
     make_run(tmp_path / "runs", "tiny", 1, seed=2)
     (tmp_path / "w.yaml").write_text("runs: {tiny: 1.0}\n")
@@ -70,10 +68,8 @@ def test_build_datasets_packs_runs_into_the_models_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_kernel_writes_a_valid_submission_in_a_simulated_kaggle_tree(synth_small, tmp_path):
+def test_kernel_writes_a_valid_submission_in_a_simulated_kaggle_tree(synth_small, tmp_path, make_run):
     """kernel.py as a subprocess: competition data + models dataset under HPASC_KAGGLE_ROOT."""
-    from test_predict import make_run
-
     from hpasc.submission import validate_submission
 
     root = tmp_path / "kaggle"
@@ -94,11 +90,9 @@ def test_kernel_writes_a_valid_submission_in_a_simulated_kaggle_tree(synth_small
     assert len(sub) == 3 and (sub["PredictionString"] != "").all()
 
 
-def test_segmentation_weights_are_packed_and_found_again_on_kaggle(tmp_path):
+def test_segmentation_weights_are_packed_and_found_again_on_kaggle(tmp_path, make_run):
     """A config naming hpacellseg weights by their training-machine path: build_datasets.sh packs the
     file under segmentation/, and predict_kaggle's overrides point at that copy once the original is gone."""
-    from test_predict import make_run
-
     from hpasc.predict.kaggle import relocated_segmentation_files
 
     train_side = tmp_path / "weights" / "dpn_unet_nuclei_v1.pth"
@@ -118,9 +112,7 @@ def test_segmentation_weights_are_packed_and_found_again_on_kaggle(tmp_path):
     assert relocated_segmentation_files(runs, models) == [f"nuclei_weights={packed}"]
 
 
-def test_build_datasets_names_a_missing_segmentation_file(tmp_path):
-    from test_predict import make_run
-
+def test_build_datasets_names_a_missing_segmentation_file(tmp_path, make_run):
     make_run(tmp_path / "runs", "seg", 0, seed=1, **{"segmentation.backend": "hpacellseg",
                                                      "segmentation.cell_weights": str(tmp_path / "gone.pth")})
     proc = subprocess.run(["bash", str(BUILD), "--skip-wheels", "--runs", str(tmp_path / "runs"),

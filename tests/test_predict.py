@@ -13,31 +13,11 @@ import torch
 
 from hpasc import predict as P
 from hpasc.confidence import combine
-from hpasc.config import Config, InferenceConfig, replace, save_config
+from hpasc.config import InferenceConfig
 from hpasc.predict import chunks, ensemble, runner
 
-TINY = {  # a timm test network at 32 px: milliseconds per batch on a CPU
-    "model.name": "test_efficientnet", "model.embedding_dim": 16, "cells.size": 32,
-    "inference.batch_size": 16, "inference.tta": ["none", "hflip"],
-}
-
-
-def make_run(root: Path, config: str, fold: int, seed: int, **changes) -> Path:
-    """A run folder with a randomly initialised model: config.yaml + best.pt, as hpasc.train writes."""
-    from hpasc.models import build_model
-
-    cfg = replace(Config(name=config), **{**TINY, **changes})
-    torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    run = root / config / f"fold{fold}"
-    run.mkdir(parents=True)
-    save_config(cfg, run / "config.yaml")
-    torch.save({"model": model.state_dict()}, run / "best.pt")
-    return run
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, make_run) -> Path:
     root = tmp_path_factory.mktemp("runs")
     make_run(root, "tiny", 0, seed=1)
     make_run(root, "tiny", 1, seed=2)
@@ -379,7 +359,8 @@ def test_zero_time_budget_still_writes_a_complete_valid_file(synth_small, runs, 
     assert P.Level(0, ("none",)) == P.degradation_ladder(2, ("none", "hflip"))[stats["level"]]
 
 
-def test_image_head_recipe_uses_the_heads_pooled_over_all_cells_of_an_image(synth_small, masks, tmp_path):
+def test_image_head_recipe_uses_the_heads_pooled_over_all_cells_of_an_image(synth_small, masks, tmp_path,
+                                                                             make_run):
     """image_agg: head — an image's cells span several chunks (batch 8), yet its image probability is the
     head applied to the mean features of all its cells, as one forward over the whole image gives."""
     from hpasc.models import load_run

@@ -8,7 +8,7 @@ import pytest
 
 from hpasc.labels import CLASS_NAMES, NUM_CLASSES
 from hpasc.report import build_report, composite, cooccurrence
-from test_cv import build_world, perfect
+from builders import build_world, perfect
 
 
 def _images(html: str) -> list[str]:

@@ -9,29 +9,14 @@ from hpasc.segmentation import (Segmentation, cell_stats, check_image, f1_at_iou
                                 get_backend, iou_matrix, resize_labels, segment)
 from hpasc.segmentation.postprocess import min_areas, relabel_consecutive
 
+from builders import two_cell_image  # noqa: E402
+
 SAMPLE_IDS = ("000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0", "b6a469d8-bbad-11e8-b2ba-ac1f6b6435d0",
               "f0ac7116-bb99-11e8-b2b9-ac1f6b6435d0")
 
 
-def disk(shape, cy, cx, r):
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
 
 
-def two_cell_image(size=256, gap=80):
-    """Two touching round cells (cell channels) with one nucleus each (blue); also the truth halves."""
-    shape = (size, size)
-    c1, c2 = (size // 2, size // 2 - gap // 2), (size // 2, size // 2 + gap // 2)
-    cell1, cell2 = disk(shape, *c1, 46), disk(shape, *c2, 46)
-    img = np.zeros(shape + (4,), np.float32)
-    body = (cell1 | cell2).astype(np.float32)
-    img[..., 0] = 0.4 * body
-    img[..., 3] = 0.5 * body
-    img[..., 1] = 0.2 * body
-    img[..., 2] = 0.8 * (disk(shape, *c1, 20) | disk(shape, *c2, 20))
-    xx = np.mgrid[: size, : size][1]
-    truth = np.where(cell1 | cell2, np.where(xx < size // 2, 1, 2), 0).astype(np.int32)
-    return img, truth
 
 
 # ----------------------------------------------------------------------------------- quality

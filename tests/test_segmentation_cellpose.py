@@ -6,7 +6,7 @@ import pytest
 from hpasc.config import SegmentationConfig
 from hpasc.segmentation import get_backend
 
-from test_segmentation import two_cell_image
+from builders import two_cell_image
 
 
 def test_missing_model_file_is_an_error(tmp_path):

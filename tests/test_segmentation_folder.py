@@ -10,7 +10,7 @@ from hpasc.io import ImageReadError, write_image
 from hpasc.segmentation import read_masks, segment_folder
 from hpasc.segmentation.folder import list_image_ids, read_id_list
 
-from test_segmentation import two_cell_image
+from builders import two_cell_image
 
 
 @pytest.fixture()

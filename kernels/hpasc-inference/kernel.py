@@ -39,13 +39,22 @@ def ensure_installed(module: str = "hpasc", wheels: Path | None = None) -> None:
     importlib.import_module(module)
 
 
-def main() -> None:
+def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ensure_installed()
+    from hpasc.cli import is_user_error
     from hpasc.predict import predict_kaggle
 
-    print(f"wrote {predict_kaggle()}")
+    try:
+        print(f"wrote {predict_kaggle()}")
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        # a bad setup (no runs, unusable sample, missing weights, ...) stops here, named in one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -204,22 +204,17 @@ class _Cell:
     runs: tuple[np.ndarray, np.ndarray] | None = None  # ``hpasc.rle.mask_runs``: decoded when needed
 
 
-def parse_prediction_string(text: object, where: str = "") -> dict[str, np.ndarray]:
-    """``"c conf mask c conf mask ..."`` -> {mask: (19,) confidences}, in first-seen order."""
+def cell_confidences(text: object, where: str = "") -> dict[str, np.ndarray]:
+    """``"c conf mask c conf mask ..."`` -> {mask: (19,) confidences}, in first-seen order (parsed by
+    ``hpasc.submission.parse_prediction_string``; a bad token is a ``BlendError`` naming ``where``)."""
+    from .submission import SubmissionError, parse_prediction_string
+
+    try:
+        triples = parse_prediction_string(text, where)
+    except SubmissionError as exc:
+        raise BlendError(str(exc)) from None
     cells: dict[str, np.ndarray] = {}
-    tokens = text.split() if isinstance(text, str) else []
-    if len(tokens) % 3:
-        raise BlendError(f"{where}: prediction string has {len(tokens)} tokens, not a multiple of 3")
-    for k in range(0, len(tokens), 3):
-        cls, conf, mask = tokens[k:k + 3]
-        try:
-            c, p = int(cls), float(conf)
-        except ValueError:
-            raise BlendError(f"{where}: triple {k // 3 + 1} ({cls} {conf} ...) is not 'class confidence mask'") from None
-        if not 0 <= c < NUM_CLASSES:
-            raise BlendError(f"{where}: class {c} outside 0..{NUM_CLASSES - 1}")
-        if not np.isfinite(p):  # max() below would drop a NaN or keep it, depending on the order
-            raise BlendError(f"{where}: triple {k // 3 + 1} has a confidence that is not finite ({conf})")
+    for c, p, mask in zip(triples.classes, triples.conf, triples.masks):
         vec = cells.setdefault(mask, np.zeros(NUM_CLASSES))
         vec[c] = max(vec[c], p)  # a class repeated for one cell counts once, at its best confidence
     return cells
@@ -274,7 +269,7 @@ def blend_image(strings: Sequence[object], weights: Sequence[float], height: int
         who = f"{where} (submission {s + 1})"
         taken: set[int] = set()  # blended cells already matched by a cell of this submission
         rest = []
-        for mask, conf in parse_prediction_string(text, who).items():
+        for mask, conf in cell_confidences(text, who).items():
             if mask in by_mask:  # identical masks first: they must not lose their cell to a look-alike
                 cells[by_mask[mask]].conf += w * conf
                 taken.add(by_mask[mask])

@@ -67,24 +67,33 @@ def _to_unit_float(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_IMAGE_SIDE = 16384  # microscopes here give 1728-3072 px; a PNG claiming more is refused undecoded
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _truncation(path: Path) -> str | None:
-    """Why a PNG or JPEG file (recognised by its content, whatever its name) is cut off, or None.
+    """Why a PNG or JPEG file (recognised by its content, whatever its name) is cut off or too large to
+    decode, or None.
 
     OpenCV decodes a cut-off JPEG without error (the rest grey) and some cut-off PNGs too; a complete
-    JPEG ends with the end-of-image marker FFD9, a complete PNG with its IEND chunk.
+    JPEG ends with the end-of-image marker FFD9, a complete PNG with its IEND chunk. A PNG header
+    claiming a side above ``MAX_IMAGE_SIDE`` would inflate to gigabytes and is refused first.
     """
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        head = fh.read(8)
+        first = fh.read(24)
+        head = first[:8]
         fh.seek(max(0, size - 32))
         tail = fh.read()
     if head.startswith(_JPEG_MAGIC) and b"\xff\xd9" not in tail:
         return "truncated JPEG (no end-of-image marker)"
-    if head == _PNG_MAGIC and b"IEND" not in tail:
-        return "truncated PNG (no IEND chunk)"
+    if head == _PNG_MAGIC:
+        if len(first) == 24:
+            width, height = int.from_bytes(first[16:20], "big"), int.from_bytes(first[20:24], "big")
+            if max(width, height) > MAX_IMAGE_SIDE:
+                return f"PNG claims {width}x{height} px, more than {MAX_IMAGE_SIDE} px a side"
+        if b"IEND" not in tail:
+            return "truncated PNG (no IEND chunk)"
     return None
 
 

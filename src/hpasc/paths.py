@@ -24,11 +24,16 @@ class BadIDError(ValueError):
     """An image ID that is not a plain file-name stem (it would be joined into paths)."""
 
 
+def is_plain_id(image_id: object) -> bool:
+    """Whether ``check_id`` accepts ``image_id``."""
+    return isinstance(image_id, str) and _PLAIN_ID.fullmatch(image_id) is not None
+
+
 def check_id(image_id: object, where: str = "") -> str:
     """``image_id`` when it is a plain name (letters, digits, ``.``, ``_``, ``-``; not starting with a dot;
     at most 200 characters), else ``BadIDError``. Every path built from an ID goes through this, so an ID
     from a data file can never point outside its folder (``../x``, ``/abs``, ``C:x``, ``a\\b``)."""
-    if isinstance(image_id, str) and _PLAIN_ID.fullmatch(image_id):
+    if is_plain_id(image_id):
         return image_id
     prefix = f"{where}: " if where else ""
     raise BadIDError(f"{prefix}image ID {image_id!r} is not a plain name (letters, digits, '.', '_', '-'; "

@@ -19,17 +19,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
-from .models import ModelError
+from .config import Config, load_config
 from .training.distributed import DistInfo, barrier, cleanup, init_distributed
-from .training.fold_data import FoldData, TrainDataError, fold_data, prepare_cells
+from .training.fold_data import FoldData, fold_data, prepare_cells
 from .training.loop import Trainer
-from .training.state import CheckpointError
 
-__all__ = ["run_dir", "train_fold", "train_folds", "train_on", "run_training", "FoldData", "TRAIN_ERRORS"]
-
-# Errors of the user's making (config, data, weights files): the CLI prints them without a traceback.
-TRAIN_ERRORS = (ConfigError, ModelError, TrainDataError, CheckpointError, FileNotFoundError)
+__all__ = ["run_dir", "train_fold", "train_folds", "train_on", "run_training", "FoldData"]
 
 
 def run_dir(cfg: Config, fold: int) -> Path:

@@ -31,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hpasc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue  # command group not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
 
@@ -55,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # hpasc's own errors (bad config, unreadable image, malformed CSV...) already say which file and
         # what is wrong: show that, not a traceback. HPASC_DEBUG=1 shows the traceback too.
-        if not _is_user_error(exc) or os.environ.get("HPASC_DEBUG"):
+        if not is_user_error(exc) or os.environ.get("HPASC_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _is_user_error(exc: BaseException) -> bool:
+def is_user_error(exc: BaseException) -> bool:
     """An error raised on purpose by hpasc (its class lives in the package) or a missing file."""
     return type(exc).__module__.split(".")[0] == "hpasc" or isinstance(exc, FileNotFoundError)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(subparsers) -> None:
@@ -28,16 +27,13 @@ def _run(args: argparse.Namespace) -> int:
     from ..cells import build_cells
     from ..config import load_config, replace
 
-    try:
-        cells_cfg = load_config(args.config).cells
-        changes = {k: getattr(args, k) for k in ("size", "padding", "neighbours") if getattr(args, k) is not None}
-        if changes:
-            cells_cfg = replace(cells_cfg, **changes)
-        cache = build_cells(args.images, args.masks, args.out, cells_cfg, labels_csv=args.labels,
-                            max_images=args.max_images, workers=args.workers)
-    except (OSError, ValueError) as exc:  # bad paths, unreadable images, bad config or labels
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # bad paths, unreadable images, bad config or labels: one "error: ..." line and exit 2 (cli.main)
+    cells_cfg = load_config(args.config).cells
+    changes = {k: getattr(args, k) for k in ("size", "padding", "neighbours") if getattr(args, k) is not None}
+    if changes:
+        cells_cfg = replace(cells_cfg, **changes)
+    cache = build_cells(args.images, args.masks, args.out, cells_cfg, labels_csv=args.labels,
+                        max_images=args.max_images, workers=args.workers)
     n_images = cache.table["ID"].nunique() if len(cache.table) else 0
     print(f"{len(cache)} cells of {n_images} images -> {cache.root}")
     return 0

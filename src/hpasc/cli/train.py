@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def _folds(text: str) -> str | list[int]:
@@ -43,13 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..train import TRAIN_ERRORS, run_training
+    from ..train import run_training
 
-    try:
-        runs = run_training(args.config, args.fold, resume=args.resume, overrides=tuple(args.overrides))
-    except TRAIN_ERRORS as exc:
-        print(f"hpasc train: {exc}", file=sys.stderr)
-        return 2
+    # a bad config, data or checkpoint is one "error: ..." line and exit 2 (cli.main)
+    runs = run_training(args.config, args.fold, resume=args.resume, overrides=tuple(args.overrides))
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
         for run in runs:
             print(run)

@@ -32,7 +32,7 @@ def predict_kaggle(time_budget: float | None = None, workers: int | None = None)
     return predict(runs, comp / "test", comp / "sample_submission.csv", kaggle_working() / "submission.csv",
                    weights=weights[0] if weights else None, time_budget=time_budget,
                    seg_overrides=relocated_segmentation_files(runs, models),
-                   workers=workers or min(4, available_cpus()))
+                   workers=workers or min(4, available_cpus()), bad_ids="keep")
 
 
 def relocated_segmentation_files(runs: Sequence[Path], models: Path) -> list[str]:

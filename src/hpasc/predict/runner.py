@@ -17,10 +17,10 @@ import pandas as pd
 from ..config import ConfigError, InferenceConfig, SegmentationConfig, parse_overrides
 from ..config import replace as replace_config
 from ..labels import NUM_CLASSES
-from ..submission import read_submission
+from ..submission import read_sample
 from .budget import Budget, degradation_ladder
 from .chunks import CropTensors, cpu_threads, image_head_probs, predict_chunk
-from .ensemble import Member, inference_config, load_ensemble, resolve_device
+from .ensemble import Member, PredictError, inference_config, load_ensemble, resolve_device
 from .image import Prepared, _row, prepare_image
 from .shards import PROB_COLUMNS, _finish, parse_shard
 
@@ -187,26 +187,58 @@ class _Run:
         self.cell_frames.append(frame)
 
 
+def _preflight(members: list[Member], infer: InferenceConfig, seg_cfg: SegmentationConfig,
+               masks: Path | None, ids: Sequence[str], device: str) -> None:
+    """Fail now, with the cause, on what would otherwise fail every image one by one: the segmentation
+    backend (weights files, optional packages) when some image still needs segmenting, and a forward
+    pass of every member on an empty batch (architecture, checkpoint, device)."""
+    from ..segmentation import get_backend
+    from ..segmentation.folder import mask_paths
+
+    if masks is None or any(not mask_paths(masks, i)[0].is_file() for i in ids):
+        try:
+            get_backend(seg_cfg.backend, seg_cfg)
+        except (OSError, ValueError, ImportError, RuntimeError) as exc:
+            raise PredictError(f"segmentation backend {seg_cfg.backend!r} cannot start: {exc}") from None
+    from . import chunks
+
+    crops = {chunks.crop_key(m.cfg.cells): np.zeros((1, m.cfg.cells.size, m.cfg.cells.size, 4), np.uint8)
+             for m in members}
+    try:
+        chunks.predict_chunk(members, crops, ("none",), 1, device, CropTensors(), infer.image_agg == "head")
+    except Exception as exc:  # noqa: BLE001 - any failure here is the setup's, not an image's
+        raise PredictError(f"the models cannot run on {device}: {type(exc).__name__}: {exc}") from None
+
+
 def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike,
             sample_submission: str | os.PathLike, out: str | os.PathLike,
             weights: str | os.PathLike | None = None, masks_dir: str | os.PathLike | None = None,
             seg_cfg: SegmentationConfig | None = None, seg_overrides: Sequence[str] | None = None,
             inference_overrides: dict[str, Any] | Sequence[str] | None = None,
             time_budget: float | None = None, shard: tuple[int, int] | str | None = None,
-            workers: int = 2, device: str = "auto", stats: dict | None = None) -> Path:
+            workers: int = 2, device: str = "auto", stats: dict | None = None,
+            bad_ids: str = "error") -> Path:
     """Predict every image of ``sample_submission`` (or of one shard) -> the validated submission ``out``.
 
     ``seg_cfg`` defaults to the first run's segmentation settings (then ``seg_overrides``, ``key=value``
     strings); the inference settings are the first run's, then the weights file's, then
     ``inference_overrides``. ``workers`` threads read/segment/crop ahead of the models. ``stats``, when
     given, receives seconds per stage, the failed images with their reasons and the final budget level.
+
+    Everything that would fail every image is checked before the first one: the sample submission
+    (duplicate IDs; IDs that are not plain names, unless ``bad_ids="keep"`` turns them into empty rows
+    with a warning, as the Kaggle kernel does), the images folder, the runs, the device, the inference
+    settings, the segmentation backend and one forward pass of every model. A problem there raises; a
+    problem with one image costs only its row.
     """
     import torch
     from tqdm import tqdm
 
     t0 = time.monotonic()
     images_dir, sample_path, out = Path(images_dir), Path(sample_submission), Path(out)
-    sample = read_submission(sample_path, kind="sample submission")
+    sample, invalid = read_sample(sample_path, bad_ids=bad_ids)
+    if not images_dir.is_dir():
+        raise PredictError(f"{images_dir}: images folder not found")
     shard = parse_shard(shard)
     ids = list(sample["ID"])
     mine = ids[shard[0]::shard[1]] if shard else ids
@@ -221,12 +253,15 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
         seg_cfg = replace_config(seg_cfg, **dict(parse_overrides(list(seg_overrides))))
     crop_cfgs = [m.cfg.cells for m in members]
     masks = Path(masks_dir) if masks_dir else None
+    _preflight(members, infer, seg_cfg, masks, [i for i in mine if i not in invalid], device)
     left = None if time_budget is None else time_budget - (time.monotonic() - t0)  # after model loading
     budget = Budget(left, len(mine), degradation_ladder(len(members), infer.tta))
     run = _Run(members, infer, budget, device)
     log.info("predicting %d images with %d model(s) on %s", len(mine), len(members), device)
 
     def prepare(image_id: str) -> Prepared:
+        if image_id in invalid:
+            return Prepared(image_id, error=invalid[image_id])
         budget.update()
         if budget.current.empty:
             return Prepared(image_id, skipped=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import SegmentationConfig
 from ..fsutil import read_csv
-from ..paths import check_id
+from ..paths import check_id, is_plain_id
 from ..io import CHANNELS, EXTENSIONS, ImageReadError, read_image, write_png_atomic
 from .base import Segmentation, segment
 
@@ -41,7 +41,10 @@ def list_image_ids(images_dir: os.PathLike | str) -> list[str]:
         raise FileNotFoundError(f"{images_dir}: images folder not found")
     suffixes = tuple(f"_{CHANNELS[0]}{ext}" for ext in EXTENSIONS)
     ids = {p.name[: -len(s)] for p in images_dir.iterdir() for s in suffixes if p.name.endswith(s)}
-    return sorted(ids)
+    plain = {i for i in ids if is_plain_id(i)}
+    for odd in sorted(ids - plain)[:5]:
+        warnings.warn(f"{images_dir}: skipping {odd!r}: not a plain image ID", RuntimeWarning, stacklevel=2)
+    return sorted(plain)
 
 
 def read_id_list(ids: Sequence[str] | str | os.PathLike) -> list[str]:
@@ -53,8 +56,11 @@ def read_id_list(ids: Sequence[str] | str | os.PathLike) -> list[str]:
         frame = read_csv(path, "ID list", dtype=str)  # a malformed file -> ValueError naming it
         if "ID" not in frame.columns:
             raise ValueError(f"{path}: no ID column (columns: {', '.join(frame.columns)})")
-        return list(dict.fromkeys(frame["ID"].dropna()))
-    return list(dict.fromkeys(str(i) for i in ids))
+        found = list(frame["ID"])
+        for r, image_id in enumerate(found, start=1):
+            check_id(image_id, f"{path}: row {r}")
+        return list(dict.fromkeys(found))
+    return list(dict.fromkeys(check_id(str(i), "ID list") for i in ids))
 
 
 def write_masks(masks_dir: os.PathLike | str, image_id: str, seg: Segmentation) -> None:

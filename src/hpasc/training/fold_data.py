@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from ..config import Config
-from ..labels import multihot_matrix
-from ..paths import data_root
+from ..labels import LabelError, multihot_matrix, parse_label
+from ..fsutil import read_csv
+from ..paths import data_root, is_plain_id
 
 
 class TrainDataError(ValueError):
@@ -64,17 +65,30 @@ def read_folds(cfg: Config) -> pd.DataFrame:
             raise TrainDataError(f"neither folds ({cfg.data.folds_csv}) nor train csv ({cfg.data.train_csv}) "
                                  f"found under {root} or the working directory")
         n_folds = max(max(cfg.train.folds, default=0) + 1, 2)
-        df = pd.read_csv(train_csv, dtype={"ID": str, "Label": str})
+        df = read_csv(train_csv, "train CSV", TrainDataError, dtype={"ID": str, "Label": str})
         folds = make_folds(df, n_folds=n_folds, seed=cfg.train.seed, source=str(train_csv))
         folds_path = Path(cfg.data.work_dir) / "folds.csv"
         from ..fsutil import atomic_path
 
         with atomic_path(folds_path) as tmp:
             folds.to_csv(tmp, index=False)
-    folds = pd.read_csv(folds_path, dtype={"ID": str, "Label": str})
+    folds = read_csv(folds_path, "folds CSV", TrainDataError, dtype={"ID": str, "Label": str})
     missing = [c for c in ("ID", "Label", "fold") if c not in folds]
     if missing:
         raise TrainDataError(f"{folds_path}: missing column(s) {', '.join(missing)}; expected ID,Label,fold")
+    for r, (image_id, label) in enumerate(zip(folds["ID"], folds["Label"]), start=1):
+        if not is_plain_id(image_id):
+            raise TrainDataError(f"{folds_path}: row {r}: image ID {image_id!r} is not a plain name")
+        try:
+            parse_label(label)
+        except LabelError as exc:
+            raise TrainDataError(f"{folds_path}: row {r} ({image_id}): {exc}") from None
+    fold_values = pd.to_numeric(folds["fold"], errors="coerce")
+    bad = fold_values.isna() | (fold_values != fold_values.round()) | (fold_values < 0)
+    if bad.any():
+        r = int(np.flatnonzero(bad.to_numpy())[0])
+        raise TrainDataError(f"{folds_path}: row {r + 1}: fold {folds['fold'].iat[r]!r} is not an integer >= 0")
+    folds["fold"] = fold_values.astype(int)
     if cfg.data.max_images is not None:
         folds = folds.iloc[:cfg.data.max_images]
     images_dir = root / "train"

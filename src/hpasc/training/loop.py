@@ -9,12 +9,14 @@ several cells of each image it is trained on.
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -22,14 +24,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..config import Config, save_config, to_dict
+from ..config import Config, ConfigError, load_config, save_config, to_dict
 from ..losses import Criterion
 from ..models import build_model, unwrap
 from .distributed import DistInfo, barrier, broadcast_object, mean_over_ranks
 from .fold_data import FoldData
 from .logs import plot_curves, write_log
 from .sampling import EpochSampler, SeededItems
-from .state import (ModelEma, load_checkpoint, lr_factor, rng_state, save_checkpoint, seed_everything, set_lr,
+from .state import (CheckpointError, ModelEma, load_checkpoint, lr_factor, rng_state, save_checkpoint, seed_everything, set_lr,
                     set_rng_state)
 from .validation import CompetitionScorer, evaluate, write_oof
 
@@ -59,7 +61,47 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-SELECT_METRICS = ("auto", "comp_map", "map", "auc")  # train.select_metric (checked when a config loads)
+log = logging.getLogger(__name__)
+
+SELECT_METRICS = ("auto", "comp_map", "map", "auc")
+# sections a resumed run may not change: they define the weights' shapes and what the weights have seen
+FROZEN_ON_RESUME = ("model", "cells", "segmentation")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(cfg: Config, run_dir: Path) -> None:
+    """Before ``--resume`` writes anything: a run folder trained with other model, cells or segmentation
+    settings cannot be continued with these; a ConfigError names the changed keys. Other
+    changes (more epochs, another lr) are allowed and logged."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = _flat(to_dict(load_config(saved_path)))
+    now = _flat(to_dict(cfg))
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    frozen = [k for k in changed if k.split(".")[0] in FROZEN_ON_RESUME]
+    if frozen:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in frozen[:6])
+        raise ConfigError(f"{saved_path}: --resume with changed settings ({detail}); this run cannot "
+                          "continue with them: use another train.out_dir or drop --resume")
+    if changed:
+        log.warning("--resume: continuing %s with changed %s", run_dir, ", ".join(changed))
+
+
+def sweep_stale_temporaries(run_dir: Path) -> None:
+    """Remove the ``.NAME.*.tmp`` files a killed atomic write leaves behind."""
+    for tmp in run_dir.glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)  # train.select_metric (checked when a config loads)
 
 
 def select_metric_name(cfg: Config, has_truth: bool) -> str:
@@ -174,7 +216,10 @@ class Trainer:
         # on the CPU: RNG states must stay CPU tensors; weights and optimizer state move to their
         # parameters' device when loaded
         state = load_checkpoint(path, "cpu")
-        unwrap(self.model).load_state_dict(state["model"])
+        try:
+            unwrap(self.model).load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: does not fit this config's model ({str(exc).splitlines()[0]})") from None
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict({"weights": state["ema"], "updates": state.get("ema_updates", 0)})
         self.optimizer.load_state_dict(state["optimizer"])
@@ -189,12 +234,16 @@ class Trainer:
     def fit(self, resume: bool = False, stop_after_steps: int | None = None) -> Path:
         """Train (or continue) to the end; ``stop_after_steps`` saves last.pt and returns after that many
         optimizer steps — an interruption on purpose (tests, time-boxed sessions)."""
+        if resume:  # everything is checked before the run folder is touched
+            check_resume_config(self.cfg, self.run_dir)
+            if not self._resume() and self.info.is_main:
+                log.warning("--resume: %s has no last.pt; starting this fold from scratch", self.run_dir)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                sweep_stale_temporaries(self.run_dir)
             save_config(self.cfg, self.run_dir / "config.yaml")
         barrier(self.info)
-        if resume:
-            self._resume()
         threads = torch.get_num_threads()
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
