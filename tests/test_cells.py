@@ -277,7 +277,9 @@ def test_cache_errors(tmp_path):
     with pytest.raises(CellCacheError, match="rows"):
         load_cell_cache(out)
     (out / "cells.csv").unlink()  # a lost table: the next build starts over instead of failing
-    assert len(build_cell_cache(images, masks, ids, CellsConfig(size=16), out)) > 0
+    rebuilt = build_cell_cache(images, masks, ids, CellsConfig(size=16), out)
+    first = build_cell_cache(images, masks, ids, CellsConfig(size=16), tmp_path / "c3")  # a clean build
+    assert len(rebuilt) == len(first) and np.array_equal(rebuilt.crops, first.crops)
 
 
 def test_cli_cells(tmp_path, capsys):

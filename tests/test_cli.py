@@ -11,7 +11,31 @@ def test_every_command_is_registered():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert set(COMMANDS) <= set(sub.choices)
-    assert len(COMMAND_MODULES) == 8
+    # every group module adds commands of its own: none empty, none claimed twice, nothing else
+    import argparse
+    import importlib
+
+    owned = []
+    for name in COMMAND_MODULES:
+        group = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"hpasc.cli.{name}").register(group)
+        assert group.choices, f"cli.{name} registers no command"
+        owned += list(group.choices)
+    assert len(owned) == len(set(owned)) and set(owned) == set(sub.choices)
+
+
+def test_scorer_modules_start_without_torch():
+    """The scorer and the format stand alone: importing them must not pull in torch (DESIGN rule)."""
+    import subprocess
+    import sys
+
+    modules = ["labels", "paths", "io", "rle", "submission", "metric", "cell_eval", "synthetic", "folds",
+               "fsutil", "cli.fmt"]
+    code = ("import sys; " + "; ".join(f"import hpasc.{m}" for m in modules)
+            + "; bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')];"
+            + " print(bad[:3]); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys):

@@ -33,3 +33,24 @@ def test_demo_runs_end_to_end_and_beats_the_image_level_baselines(tmp_path, one_
     # it learned cells, not just images
     assert result["beats_baselines"] and code == 0
     assert result["mAP"] > max(result["baselines"].values())
+    # cell-level evaluation beside the mAP: the ceiling of these masks and the cell AUCs
+    assert 0 < result["oracle_mAP"] <= 1 and result["mAP"] <= result["oracle_mAP"]
+    assert result["oracle_share"] == pytest.approx(result["mAP"] / result["oracle_mAP"])
+    auc = result["cell_auc"]
+    assert {"within", "mean", "per_class"} <= set(auc) and 0 < auc["mean"] <= 1
+    assert set(auc["per_class"]) == {str(c) for c in range(19)}
+
+    # the same pipeline on an existing competition-layout folder (here: the world just made), briefly
+    quick = ["train.epochs=1", "train.max_steps_per_epoch=2"]
+    other = tmp_path / "other"
+    assert main(["demo", "--work", str(other), "--data", str(work / "data"), *quick]) in (0, 1)
+    again = json.loads((other / "demo_result.json").read_text())
+    assert again["truth"] == str(work / "data" / "truth" / "test.csv") and not (other / "data").exists()
+    assert score(again["truth"], again["submission"]).mAP == pytest.approx(again["mAP"])
+
+
+def test_demo_data_must_be_a_competition_layout(tmp_path, capsys):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    assert main(["demo", "--work", str(tmp_path / "w"), "--data", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing test, train.csv, sample_submission.csv" in err[0]

@@ -44,15 +44,31 @@ class StageClock:
             print(f"[demo] {name}: {self.seconds[name]:.1f} s", flush=True)
 
 
-def demo_config(work: Path, config_path: Path | None = None, overrides: tuple[str, ...] = ()) -> Config:
-    """The tiny config pointed at the demo's folders."""
+class DemoError(ValueError):
+    """A ``--data`` folder that is not in the competition layout (names what is missing)."""
+
+
+DATA_LAYOUT = ("train", "test", "train.csv", "sample_submission.csv")
+
+
+def check_data_layout(data: Path) -> None:
+    missing = [name for name in DATA_LAYOUT if not (data / name).exists()]
+    if missing:
+        raise DemoError(f"{data}: not a competition-layout folder, missing {', '.join(missing)} "
+                        f"(needs {', '.join(DATA_LAYOUT)}; truth/train.csv and truth/test.csv optional)")
+
+
+def demo_config(work: Path, config_path: Path | None = None, overrides: tuple[str, ...] = (),
+                data: Path | None = None) -> Config:
+    """The tiny config pointed at the demo's folders (``data``: default ``work/data``)."""
     cfg = load_config(config_path or TINY_CONFIG, overrides)
-    data = work / "data"
+    data = data or work / "data"
+    truth = data / "truth" / "train.csv"
     return replace(cfg, **{
         "data.root": str(data),
-        "data.folds_csv": str(data / "folds.csv"),
+        "data.folds_csv": str(work / "folds.csv"),
         "data.work_dir": str(work),
-        "data.truth_csv": str(data / "truth" / "train.csv"),
+        "data.truth_csv": str(truth) if truth.is_file() else None,
         "train.out_dir": str(work / "runs"),
     })
 
@@ -88,8 +104,13 @@ def baseline_rows(masks_dir: Path, image_probs: dict[str, np.ndarray]) -> dict[s
 
 def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 512, seed: int = 0,
              folds: tuple[int, ...] = (0, 1), n_folds: int = 4, config_path: str | Path | None = None,
-             overrides: tuple[str, ...] = (), verbose: bool = True) -> dict:
-    """Run the whole pipeline in ``work``; returns (and writes) ``demo_result.json``."""
+             overrides: tuple[str, ...] = (), verbose: bool = True, data_dir: str | Path | None = None) -> dict:
+    """Run the whole pipeline in ``work``; returns (and writes) ``demo_result.json``.
+
+    Without ``data_dir`` the data is a synthetic world made in ``work/data``; with it, the
+    competition-layout folder is used as it is (nothing is written into it), scored and cell-evaluated
+    when ``DATA/truth/test.csv`` exists.
+    """
     from .folds import make_folds
     from .metric import read_truth, score
     from .predict import predict
@@ -98,18 +119,26 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
     from .synthetic import synthesize
     from .train import train_fold
 
+    from .fsutil import read_csv
+
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     clock = StageClock(verbose=verbose)
-    data = work / "data"
+    if data_dir is None:
+        data = work / "data"
+        with clock("synthesise"):
+            synthesize(data, n_train=n_train, n_test=n_test, size=size, seed=seed)
+    else:
+        data = Path(data_dir).resolve()
+        check_data_layout(data)
     sample = data / "sample_submission.csv"
     test_masks = work / "masks" / "test"
-    with clock("synthesise"):
-        synthesize(data, n_train=n_train, n_test=n_test, size=size, seed=seed)
+    truth_csv = data / "truth" / "test.csv"
     with clock("folds"):
-        train_df = pd.read_csv(data / "train.csv")
-        make_folds(train_df, n_folds=n_folds, seed=seed).to_csv(data / "folds.csv", index=False)
-    cfg = demo_config(work, Path(config_path) if config_path else None, overrides)
+        train_df = read_csv(data / "train.csv", "train CSV", DemoError, dtype={"ID": str, "Label": str})
+        folds_df = make_folds(train_df, n_folds=n_folds, seed=seed, source=str(data / "train.csv"))
+        folds_df.to_csv(work / "folds.csv", index=False)
+    cfg = demo_config(work, Path(config_path) if config_path else None, overrides, data)
     cfg = replace(cfg, **{"train.folds": list(folds)})
     save_config(cfg, work / "demo_config.yaml")
     with clock("segment"):
@@ -124,8 +153,22 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
         predict(run_dirs, data / "test", sample, submission, masks_dir=test_masks, seg_cfg=cfg.segmentation)
     with clock("validate + score"):
         problems = validate_submission(submission, sample)
-        truth = read_truth(data / "truth" / "test.csv")
+    if not truth_csv.is_file():  # a folder without cell truth: the submission is all there is to show
+        out = {"mAP": None, "submission": str(submission), "truth": None, "baselines": {},
+               "oracle_mAP": None, "cell_auc": None, "beats_baselines": None,
+               "validation_problems": [str(p) for p in problems], "runs": [str(r) for r in run_dirs],
+               "stage_seconds": clock.seconds}
+        write_text_atomic(work / "demo_result.json", json.dumps(out, indent=2))
+        if verbose:
+            print(f"{submission}: {'valid' if not problems else f'{len(problems)} problem(s)'}; "
+                  f"no {truth_csv} to score against")
+        return out
+    with clock("score + cells"):
+        from .cell_eval import evaluate_cells, format_cell_eval
+
+        truth = read_truth(truth_csv)
         result = score(truth, submission)
+        cells_eval = evaluate_cells(truth, submission)
     with clock("baselines"):
         baselines = {}
         truth_labels = _truth_image_labels(truth)
@@ -144,9 +187,12 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
     out = {
         "mAP": result.mAP,
         "submission": str(submission),
-        "truth": str(data / "truth" / "test.csv"),
+        "truth": str(truth_csv),
         "baselines": baselines,
         "beats_baselines": beats,
+        "oracle_mAP": cells_eval["oracle_mAP"],
+        "oracle_share": cells_eval["oracle_share"],
+        "cell_auc": cells_eval["cell_auc"],
         "per_class_ap": {str(k): v for k, v in result.per_class_ap.items()},
         "validation_problems": [str(p) for p in problems],
         "runs": [str(r) for r in run_dirs],
@@ -157,6 +203,7 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
     write_text_atomic(work / "demo_result.json", json.dumps(out, indent=2))
     if verbose:
         print(summary(out))
+        print(format_cell_eval({**cells_eval, "mAP": result.mAP}))
     return out
 
 

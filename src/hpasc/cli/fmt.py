@@ -13,6 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "all: count them as false positives")
     p.add_argument("--iou", type=float, default=0.6, help="mask IoU needed for a match (default 0.6)")
     p.add_argument("--json", action="store_true", help='print one line {"mAP": ..., "per_class_ap": {...}}')
+    p.add_argument("--cells", action="store_true",
+                   help="also the cell-level view: oracle mAP of these masks, pooled and within-image cell AUC")
     p.set_defaults(func=_score)
 
     v = subparsers.add_parser("validate", help="check a submission file against the sample submission")
@@ -27,6 +29,10 @@ def _score(args: argparse.Namespace) -> int:
     # ScoreError / SubmissionError (bad files) become one "error: ..." line and exit 2 in cli.main
     result = score(args.truth, args.submission, verified=args.verified, iou_threshold=args.iou)
     print(result.to_json() if args.json else result.table())
+    if args.cells and not args.json:
+        from ..cell_eval import evaluate_cells, format_cell_eval
+
+        print(format_cell_eval(evaluate_cells(args.truth, args.submission)))
     return 0
 
 
