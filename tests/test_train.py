@@ -410,12 +410,11 @@ def test_image_head_is_trained_on_the_images_of_a_batch(tmp_path):
 
 def test_oof_keeps_tiny_probabilities_distinct_from_zero(tmp_path):
     """A probability of 1e-9 is still a prediction for the metric: it must not be written as 0."""
-    from hpasc.training.validation import write_oof
+    from hpasc.runs import write_oof
 
-    table = pd.DataFrame({"ID": ["a", "a"], "cell_id": [1, 2]})
     probs = np.full((2, 19), 0.5, np.float32)
     probs[0, 3], probs[1, 7] = 1e-9, 0.123456789
-    write_oof(tmp_path / "oof.csv", table, probs)
+    write_oof(tmp_path / "oof.csv", ["a", "a"], [1, 2], probs)
     back = pd.read_csv(tmp_path / "oof.csv")
     assert list(back.columns) == ["ID", "cell_id"] + [f"p{c}" for c in range(19)]
     assert back.loc[0, "p3"] == pytest.approx(1e-9, rel=1e-6) and back.loc[0, "p3"] > 0

@@ -362,11 +362,6 @@ def cache_key(cells_cfg: Any) -> dict:
             "neighbours": str(cells_cfg.neighbours)}
 
 
-def cell_cache_dir(work_dir: os.PathLike | str, backend: str, cells_cfg: Any) -> Path:
-    """The conventional cache folder ``<work>/cells/<backend>-s<size>-p<padding>-<neighbours>``."""
-    return Path(work_dir) / "cells" / f"{backend}-s{cells_cfg.size}-p{cells_cfg.padding:g}-{cells_cfg.neighbours}"
-
-
 def _fingerprint(masks_dir: Path, image_id: str) -> str:
     """Size and mtime of the mask files: re-segmenting an image changes them."""
     from .segmentation.folder import mask_paths

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +34,8 @@ import pandas as pd
 from .config import Config, InferenceConfig, load_config
 from .fsutil import read_csv
 from .labels import CLASS_NAMES, NUM_CLASSES, parse_label, to_multihot
-from .paths import data_root
-
-PROB_COLUMNS = tuple(f"p{c}" for c in range(NUM_CLASSES))
-_FOLD_RE = re.compile(r"fold(\d+)$")
-
+from . import runs
+from .runs import PROB_COLUMNS
 
 class CVError(ValueError):
     """Run folders or OOF files that cannot be evaluated; the message names the file."""
@@ -57,60 +53,33 @@ class RunGroup:
 
 def fold_of(run_dir: Path) -> int:
     """``.../fold3`` -> 3."""
-    match = _FOLD_RE.search(Path(run_dir).name)
-    if not match:
-        raise CVError(f"{run_dir}: a fold run folder must be named fold<k>")
-    return int(match.group(1))
+    return runs.fold_of(run_dir, CVError)
 
 
 def group_runs(run_dirs: Sequence[str | Path]) -> list[RunGroup]:
-    """Run folders -> groups by config. Each argument is ``runs/<config>/fold<k>`` or ``runs/<config>``
-    (then every ``fold*`` sub-folder holding ``oof.csv`` is taken)."""
+    """Run folders -> groups by config. Each argument is ``runs/<config>/fold<k>`` or a folder holding
+    such runs (every run below it with an ``oof.csv`` is taken; ``hpasc.runs.find_runs``)."""
     groups: dict[str, dict[int, Path]] = {}
-    for arg in run_dirs:
-        path = Path(arg)
-        if (path / "oof.csv").is_file():
-            fold_dirs = [path]
-        else:
-            fold_dirs = sorted(p for p in path.glob("fold*") if (p / "oof.csv").is_file())
-            if not fold_dirs:
-                raise CVError(f"{path}: no oof.csv here nor in any fold*/ sub-folder")
-        for fold_dir in fold_dirs:
-            name = fold_dir.parent.name
-            folds = groups.setdefault(name, {})
-            k = fold_of(fold_dir)
-            if k in folds and folds[k].resolve() != fold_dir.resolve():
-                raise CVError(f"{fold_dir}: fold {k} of {name} given twice ({folds[k]})")
-            folds[k] = fold_dir
+    for fold_dir in runs.find_runs(run_dirs, need=(runs.OOF_FILE,), error=CVError):
+        name = fold_dir.parent.name
+        folds = groups.setdefault(name, {})
+        k = fold_of(fold_dir)
+        if k in folds and folds[k].resolve() != fold_dir.resolve():
+            raise CVError(f"{fold_dir}: fold {k} of {name} given twice ({folds[k]})")
+        folds[k] = fold_dir
     return [RunGroup(name, dict(sorted(folds.items()))) for name, folds in groups.items()]
 
 
 def read_oof(path: str | Path) -> pd.DataFrame:
-    """One ``oof.csv`` -> DataFrame ``ID, cell_id, p0..p18`` (validated)."""
-    path = Path(path)
-    df = read_csv(path, "out-of-fold file", CVError, dtype={"ID": str})
-    missing = [c for c in ("ID", "cell_id", *PROB_COLUMNS) if c not in df.columns]
-    if missing:
-        raise CVError(f"{path}: missing column(s) {', '.join(missing)}")
-    probs = df[list(PROB_COLUMNS)].to_numpy(np.float64)
-    if not np.isfinite(probs).all():
-        bad = int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])
-        raise CVError(f"{path}: non-finite probability in row {bad + 2} (ID {df.ID.iloc[bad]})")
-    if df.duplicated(["ID", "cell_id"]).any():
-        dup = df[df.duplicated(["ID", "cell_id"])].iloc[0]
-        raise CVError(f"{path}: cell {dup.cell_id} of {dup.ID} appears twice")
-    df["cell_id"] = df["cell_id"].astype(np.int64)
-    if (df["cell_id"] < 1).any():  # cell k is row k-1 of an image's cells: 0 would silently read the last one
-        bad = int(np.flatnonzero(df["cell_id"].to_numpy() < 1)[0])
-        raise CVError(f"{path}: cell id {df.cell_id.iloc[bad]} in row {bad + 2} (ID {df.ID.iloc[bad]}) is not >= 1")
-    return df[["ID", "cell_id", *PROB_COLUMNS]]
+    """One ``oof.csv`` -> DataFrame ``ID, cell_id, p0..p18`` (validated by ``hpasc.runs.read_oof``)."""
+    return runs.read_oof(path, CVError)[list(runs.OOF_COLUMNS)]
 
 
 def load_group_oof(group: RunGroup) -> pd.DataFrame:
     """All folds of one config -> ``ID, cell_id, fold, p0..p18`` (an image belongs to one fold only)."""
     parts = []
     for k, fold_dir in group.fold_dirs.items():
-        df = read_oof(fold_dir / "oof.csv")
+        df = read_oof(fold_dir / runs.OOF_FILE)
         df.insert(2, "fold", k)
         parts.append(df)
     oof = pd.concat(parts, ignore_index=True)
@@ -123,25 +92,10 @@ def load_group_oof(group: RunGroup) -> pd.DataFrame:
 def run_config(group: RunGroup) -> Config:
     """The resolved config of the group's first fold."""
     first = next(iter(group.fold_dirs.values()))
-    return load_config(first / "config.yaml")
+    return load_config(first / runs.CONFIG_FILE)
 
 
 # --------------------------------------------------------------------------- data paths from a config
-
-def resolve_data_path(cfg: Config, value: str | None) -> Path | None:
-    """A data file named in the config: absolute, relative to the working directory, or to the data root."""
-    if not value:
-        return None
-    path = Path(value)
-    if path.is_absolute() or path.exists():
-        return path
-    return data_root(cfg.data.root) / path
-
-
-def masks_dir_of(cfg: Config) -> Path:
-    """Where segmentation cached the training images' cell label maps."""
-    return Path(cfg.data.work_dir) / "masks" / "train"
-
 
 def read_label_map(masks_dir: str | Path, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cached segmentation of one image -> (cell label map, border flags, rel_area), the per-cell
@@ -165,8 +119,8 @@ def read_image_labels(path: str | Path) -> dict[str, tuple[int, ...]]:
 def find_labels_csv(cfg: Config) -> Path:
     """folds.csv if it exists, else train.csv, as the config names them."""
     for value in (cfg.data.folds_csv, cfg.data.train_csv):
-        path = resolve_data_path(cfg, value)
-        if path is not None and path.is_file():
+        path = runs.resolve_data_file(cfg, value)
+        if path is not None:
             return path
     raise CVError(f"{cfg.name}: neither {cfg.data.folds_csv} nor {cfg.data.train_csv} found "
                   f"(data.root={cfg.data.root}); pass the labels CSV explicitly")
@@ -385,12 +339,14 @@ def load_cv_data(run_dirs: Sequence[str | Path], labels_csv: str | Path | None =
         infer_cfg = dataclasses.replace(infer_cfg, image_agg="mean")
     data = CVData(keys, image_ids, image_folds, [g.name for g in groups], probs,
                   image_targets[keys["image"].to_numpy()], infer_cfg)
-    truth_path = Path(truth_csv) if truth_csv else resolve_data_path(cfg, cfg.data.truth_csv)
+    truth_path = Path(truth_csv) if truth_csv else runs.resolve_data_file(cfg, cfg.data.truth_csv)
+    if truth_path is None and cfg.data.truth_csv:
+        truth_path = Path(cfg.data.truth_csv)  # named but not found: said below
     if use_truth and truth_path is not None:
         if not truth_path.is_file():
             raise CVError(f"{truth_path}: truth CSV not found")
         data.truth = build_competition_truth(keys, image_ids, truth_path,
-                                             Path(masks_dir) if masks_dir else masks_dir_of(cfg), progress)
+                                             Path(masks_dir) if masks_dir else runs.masks_dir(cfg.data.work_dir), progress)
     return data
 
 

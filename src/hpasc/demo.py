@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import runs
 from .config import Config, load_config, replace, save_config
 from .fsutil import write_text_atomic
-from .labels import CLASS_NAMES, parse_label, to_multihot
+from .labels import CLASS_NAMES, to_multihot
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -66,7 +67,7 @@ def demo_config(work: Path, config_path: Path | None = None, overrides: tuple[st
     truth = data / "truth" / "train.csv"
     return replace(cfg, **{
         "data.root": str(data),
-        "data.folds_csv": str(work / "folds.csv"),
+        "data.folds_csv": str(runs.folds_file(work)),
         "data.work_dir": str(work),
         "data.truth_csv": str(truth) if truth.is_file() else None,
         "train.out_dir": str(work / "runs"),
@@ -75,14 +76,14 @@ def demo_config(work: Path, config_path: Path | None = None, overrides: tuple[st
 
 def _truth_image_labels(truth: pd.DataFrame) -> dict[str, tuple[int, ...]]:
     """Image labels as the union of the truth cells' labels (Negative only when nothing else)."""
+    from .labels import NEGATIVE
+    from .submission import parse_truth_string
+
     out = {}
     for row in truth.itertuples(index=False):
-        tokens = str(row.PredictionString).split() if isinstance(row.PredictionString, str) else []
-        ids: set[int] = set()
-        for lab in tokens[0::2]:
-            ids.update(parse_label(lab))
+        ids = {c for labels in parse_truth_string(row.PredictionString, f"truth {row.ID}")[1] for c in labels}
         if len(ids) > 1:
-            ids.discard(18)
+            ids.discard(NEGATIVE)
         out[row.ID] = tuple(sorted(ids))
     return out
 
@@ -132,17 +133,17 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
         data = Path(data_dir).resolve()
         check_data_layout(data)
     sample = data / "sample_submission.csv"
-    test_masks = work / "masks" / "test"
+    test_masks = runs.masks_dir(work, "test")
     truth_csv = data / "truth" / "test.csv"
     with clock("folds"):
         train_df = read_csv(data / "train.csv", "train CSV", DemoError, dtype={"ID": str, "Label": str})
         folds_df = make_folds(train_df, n_folds=n_folds, seed=seed, source=str(data / "train.csv"))
-        folds_df.to_csv(work / "folds.csv", index=False)
+        folds_df.to_csv(runs.folds_file(work), index=False)
     cfg = demo_config(work, Path(config_path) if config_path else None, overrides, data)
     cfg = replace(cfg, **{"train.folds": list(folds)})
     save_config(cfg, work / "demo_config.yaml")
     with clock("segment"):
-        segment_folder(data / "train", work / "masks" / "train", cfg.segmentation)
+        segment_folder(data / "train", runs.masks_dir(work, "train"), cfg.segmentation)
         segment_folder(data / "test", test_masks, cfg.segmentation, overlay=True)
     run_dirs = []
     for fold in folds:

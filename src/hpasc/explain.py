@@ -230,7 +230,8 @@ def explain_image(run_dir: str | os.PathLike, image_id: str, cell: int | None = 
     from tqdm import tqdm
 
     from .cells import extract_crops
-    from .cv import masks_dir_of, read_label_map
+    from . import runs
+    from .cv import read_label_map
     from .io import read_image
     from .models import load_run
     from .paths import data_root
@@ -240,7 +241,7 @@ def explain_image(run_dir: str | os.PathLike, image_id: str, cell: int | None = 
     device = str(resolve_device(device, where="explain --device"))
     cfg, model = load_run(run_dir, which=which, device=device)
     images = Path(images_dir) if images_dir else data_root(cfg.data.root) / "train"
-    masks = Path(masks_dir) if masks_dir else masks_dir_of(cfg)
+    masks = Path(masks_dir) if masks_dir else runs.masks_dir(cfg.data.work_dir)
     image = read_image(images, image_id)
     labels = read_label_map(masks, image_id)[0]
     n_cells = int(labels.max())

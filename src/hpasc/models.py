@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import Config, ModelConfig, load_config, replace
 from .labels import NUM_CLASSES
+from .runs import BEST_FILE, CONFIG_FILE, LAST_FILE
 
 IN_CHANS = 4
 # The architectures with a production config in configs/ (any other timm name works as well).
@@ -154,9 +155,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def checkpoint_path(run_dir: os.PathLike | str, which: str = "best") -> Path:
     """``best``/``last`` -> ``run_dir/<which>.pt``; anything else is taken as a file path."""
-    if which in ("best", "last"):
-        return Path(run_dir) / f"{which}.pt"
-    return Path(which)
+    files = {"best": BEST_FILE, "last": LAST_FILE}
+    return Path(run_dir) / files[which] if which in files else Path(which)
 
 
 def load_run(run_dir: os.PathLike | str, which: str = "best",
@@ -167,7 +167,7 @@ def load_run(run_dir: os.PathLike | str, which: str = "best",
     EMA weights are used when the run kept an EMA (they are what validation scored).
     """
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise ModelError(f"{cfg_path}: missing; not a run folder")
     cfg = load_config(cfg_path)

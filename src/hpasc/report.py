@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from .config import Config
-from .cv import CVData, CVResult, RunGroup, evaluate, find_labels_csv, group_runs, load_cv_data, masks_dir_of, \
+from . import runs
+from .cv import CVData, CVResult, RunGroup, evaluate, find_labels_csv, group_runs, load_cv_data, \
     read_image_labels, read_label_map, run_config
 from .fsutil import atomic_path, read_csv, write_text_atomic
 from .labels import CLASS_NAMES, NUM_CLASSES
@@ -299,7 +300,7 @@ def _ap_section(result: CVResult, data: CVData, out: Path) -> str:
 
 
 def _curves(group: RunGroup, out: Path) -> str:
-    logs = {k: read_log(d / "log.csv") for k, d in group.fold_dirs.items() if (d / "log.csv").is_file()}
+    logs = {k: read_log(d / runs.LOG_FILE) for k, d in group.fold_dirs.items() if (d / runs.LOG_FILE).is_file()}
     if not logs:
         return f"<p class=note>{html.escape(group.name)}: no log.csv in its fold folders.</p>"
     name = f"curves_{_slug(group.name)}.png"
@@ -317,7 +318,7 @@ def _cooccurrence_section(labels_path: Path, out: Path) -> str:
 
 def _examples_section(data: CVData, cfg: Config, out: Path, images_dir, masks_dir, per_class: int) -> str:
     images = Path(images_dir) if images_dir else data_root(cfg.data.root) / "train"
-    masks = Path(masks_dir) if masks_dir else masks_dir_of(cfg)
+    masks = Path(masks_dir) if masks_dir else runs.masks_dir(cfg.data.work_dir)
     if per_class < 1:
         return "<p class=note>examples disabled.</p>"
     if not images.is_dir() or not masks.is_dir():

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import runs
 from .config import Config, load_config
 from .training.distributed import DistInfo, barrier, cleanup, init_distributed
 from .training.fold_data import FoldData, fold_data, prepare_cells
@@ -28,8 +29,8 @@ __all__ = ["run_dir", "train_fold", "train_folds", "train_on", "run_training", "
 
 
 def run_dir(cfg: Config, fold: int) -> Path:
-    """``<train.out_dir>/<name>/fold<k>``."""
-    return Path(cfg.train.out_dir) / cfg.name / f"fold{fold}"
+    """``<train.out_dir>/<name>/fold<k>`` (``hpasc.runs.run_dir``)."""
+    return runs.run_dir(cfg, fold)
 
 
 def train_on(cfg: Config, data: FoldData, out: Path, resume: bool = False, info: DistInfo | None = None,

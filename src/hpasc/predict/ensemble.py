@@ -41,25 +41,14 @@ class Member:
 
 
 def expand_runs(run_dirs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Each argument is a run folder (``config.yaml`` + ``best.pt``) or a folder of them (``fold*/``)."""
-    out: list[Path] = []
-    for arg in run_dirs:
-        path = Path(arg)
-        if (path / "config.yaml").is_file():
-            found = [path]
-        else:
-            found = sorted(p for p in path.glob("*/") if (p / "config.yaml").is_file()
-                           and (p / "best.pt").is_file())
-            if not found:
-                raise PredictError(f"{path}: not a run folder (config.yaml + best.pt) nor a folder of them")
-        for run in found:
-            if not (run / "best.pt").is_file():
-                raise PredictError(f"{run / 'best.pt'}: checkpoint not found")
-            if run.resolve() not in {p.resolve() for p in out}:
-                out.append(run)
-    if not out:
+    """Run folders (``config.yaml`` + ``best.pt``) from arguments that are runs or folders of them
+    (``hpasc.runs.find_runs``)."""
+    from .. import runs
+
+    found = runs.find_runs(run_dirs, need=(runs.BEST_FILE,), error=PredictError)
+    if not found:
         raise PredictError("no run folders given")
-    return out
+    return found
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, Any]]:

@@ -5,6 +5,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..runs import BEST_FILE, CONFIG_FILE, find_runs
 from .chunks import available_cpus
 from .ensemble import PredictError
 from .runner import predict
@@ -23,9 +24,12 @@ def predict_kaggle(time_budget: float | None = None, workers: int | None = None)
 
     comp, models = kaggle_input(COMPETITION), kaggle_input(MODELS_DATASET)
     # any depth: a dataset uploaded from a parent folder gains a level
-    runs = sorted(p.parent for p in models.rglob("best.pt") if (p.parent / "config.yaml").is_file())
-    if not runs:
-        raise PredictError(f"{models}: no <config>/fold<k>/ run (config.yaml + best.pt) in the models dataset")
+    if not models.is_dir():
+        raise PredictError(f"{models}: the models dataset is not attached")
+    try:
+        runs = find_runs([models], need=(BEST_FILE,), error=PredictError)
+    except PredictError:
+        raise PredictError(f"{models}: no <config>/fold<k>/ run (config.yaml + best.pt) in the models dataset") from None
     weights = sorted(models.rglob("weights.yaml"), key=lambda p: len(p.parts))
     if time_budget is None:
         time_budget = float(os.environ.get("HPASC_TIME_BUDGET") or 8 * 3600)
@@ -45,7 +49,7 @@ def relocated_segmentation_files(runs: Sequence[Path], models: Path) -> list[str
     """
     from ..config import load_config
 
-    cfg = load_config(runs[0] / "config.yaml").segmentation  # predict segments with the first run's settings
+    cfg = load_config(runs[0] / CONFIG_FILE).segmentation  # predict segments with the first run's settings
     out = []
     for key in SEGMENTATION_FILES:
         value = getattr(cfg, key)

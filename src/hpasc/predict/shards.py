@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# PROB_COLUMNS: the out-of-fold format; .cells.csv adds border and rel_area
-from ..cv import PROB_COLUMNS
 from ..fsutil import atomic_path, write_text_atomic
 from ..submission import (
     SubmissionError,
@@ -19,6 +17,7 @@ from ..submission import (
     validate_submission,
     write_submission,
 )
+from ..runs import PROB_COLUMNS, read_oof  # the out-of-fold format; .cells.csv adds border and rel_area
 from .ensemble import PredictError
 
 log = logging.getLogger(__name__)
@@ -176,11 +175,7 @@ def load_cell_probs(path: str | os.PathLike) -> dict[str, np.ndarray]:
         path = cells_path(path)
     if not path.is_file():
         raise PredictError(f"{path}: cell probabilities not found (written by hpasc predict)")
-    df = pd.read_csv(path, dtype={"ID": str})
-    missing = [c for c in ("ID", "cell_id", *PROB_COLUMNS) if c not in df.columns]
-    if missing:
-        raise PredictError(f"{path}: missing column(s) {', '.join(missing)}")
-    df = df.sort_values(["ID", "cell_id"], kind="stable")
+    df = read_oof(path, PredictError).sort_values(["ID", "cell_id"], kind="stable")
     probs = df[list(PROB_COLUMNS)].to_numpy(np.float32)
     out = {}
     for image_id, rows in df.groupby("ID", sort=False).indices.items():

@@ -17,7 +17,9 @@ import pandas as pd
 from ..config import Config
 from ..labels import LabelError, multihot_matrix, parse_label
 from ..fsutil import read_csv
+from .. import runs
 from ..paths import data_root, is_plain_id
+from ..runs import resolve_data_file
 
 
 class TrainDataError(ValueError):
@@ -42,32 +44,21 @@ class FoldData:
         return self.table.loc[self.val_rows]
 
 
-def _resolve(path_text: str, root: Path) -> Path | None:
-    """Absolute as given; a relative path under the data root first, then under the working directory."""
-    path = Path(path_text)
-    if path.is_absolute():
-        return path if path.is_file() else None
-    for candidate in (root / path, path):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def read_folds(cfg: Config) -> pd.DataFrame:
     """``data.folds_csv`` (ID, Label, fold); made from ``data.train_csv`` into the work dir when absent."""
     from ..folds import make_folds
 
     root = data_root(cfg.data.root)
-    folds_path = _resolve(cfg.data.folds_csv, root)
+    folds_path = resolve_data_file(cfg, cfg.data.folds_csv)
     if folds_path is None:
-        train_csv = _resolve(cfg.data.train_csv, root)
+        train_csv = resolve_data_file(cfg, cfg.data.train_csv)
         if train_csv is None:
             raise TrainDataError(f"neither folds ({cfg.data.folds_csv}) nor train csv ({cfg.data.train_csv}) "
                                  f"found under {root} or the working directory")
         n_folds = max(max(cfg.train.folds, default=0) + 1, 2)
         df = read_csv(train_csv, "train CSV", TrainDataError, dtype={"ID": str, "Label": str})
         folds = make_folds(df, n_folds=n_folds, seed=cfg.train.seed, source=str(train_csv))
-        folds_path = Path(cfg.data.work_dir) / "folds.csv"
+        folds_path = runs.folds_file(cfg.data.work_dir)
         from ..fsutil import atomic_path
 
         with atomic_path(folds_path) as tmp:
@@ -117,12 +108,11 @@ def ensure_masks(cfg: Config, ids: list[str], images_dir: Path, masks_dir: Path)
 def prepare_cells(cfg: Config, build: bool = True):
     """The cell cache of the config's training images (built when ``build``, else only loaded: the other
     DDP ranks need neither the folds file nor the masks, which rank 0 has just made)."""
-    from ..cells import build_cell_cache, cell_cache_dir, load_cell_cache
+    from ..cells import build_cell_cache, load_cell_cache
 
     images_dir = data_root(cfg.data.root) / "train"
-    work = Path(cfg.data.work_dir)
-    masks_dir = work / "masks" / "train"
-    cache_dir = cell_cache_dir(work, cfg.segmentation.backend, cfg.cells)
+    masks_dir = runs.masks_dir(cfg.data.work_dir, "train")
+    cache_dir = runs.cells_cache_dir(cfg.data.work_dir, cfg.segmentation.backend, cfg.cells)
     if build:
         folds = read_folds(cfg)
         ids = ensure_masks(cfg, folds["ID"].tolist(), images_dir, masks_dir)

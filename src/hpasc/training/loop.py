@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .. import runs
 from ..config import Config, ConfigError, load_config, save_config, to_dict
 from ..losses import Criterion
 from ..models import build_model, unwrap
@@ -33,7 +34,7 @@ from .logs import plot_curves, write_log
 from .sampling import EpochSampler, SeededItems
 from .state import (CheckpointError, ModelEma, load_checkpoint, lr_factor, rng_state, save_checkpoint, seed_everything, set_lr,
                     set_rng_state)
-from .validation import CompetitionScorer, evaluate, write_oof
+from .validation import CompetitionScorer, evaluate
 
 
 @dataclass
@@ -82,7 +83,7 @@ def check_resume_config(cfg: Config, run_dir: Path) -> None:
     """Before ``--resume`` writes anything: a run folder trained with other model, cells or segmentation
     settings cannot be continued with these; a ConfigError names the changed keys. Other
     changes (more epochs, another lr) are allowed and logged."""
-    saved_path = run_dir / "config.yaml"
+    saved_path = run_dir / runs.CONFIG_FILE
     if not saved_path.is_file():
         return
     saved = _flat(to_dict(load_config(saved_path)))
@@ -206,11 +207,11 @@ class Trainer:
             "rng": rng_state(),
             "progress": {k: getattr(p, k) for k in Progress.__dataclass_fields__},
             "config": to_dict(self.cfg),
-        }, self.run_dir / "last.pt")
+        }, self.run_dir / runs.LAST_FILE)
 
     def _resume(self) -> bool:
         """Load last.pt when there is one; False when starting fresh."""
-        path = self.run_dir / "last.pt"
+        path = self.run_dir / runs.LAST_FILE
         if not path.is_file():
             return False
         # on the CPU: RNG states must stay CPU tensors; weights and optimizer state move to their
@@ -242,7 +243,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume:
                 sweep_stale_temporaries(self.run_dir)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            save_config(self.cfg, self.run_dir / runs.CONFIG_FILE)
         barrier(self.info)
         threads = torch.get_num_threads()
         if self.cfg.train.threads:
@@ -338,12 +339,13 @@ class Trainer:
             if value > p.best or p.best_epoch < 0:
                 p.best, p.best_epoch, p.bad_epochs = value, p.epoch, 0
                 self._save_best(row)
-                write_oof(self.run_dir / "oof.csv", self.data.val_table, probs)
+                val = self.data.val_table
+                runs.write_oof(self.run_dir / runs.OOF_FILE, val["ID"].to_numpy(), val["cell_id"].to_numpy(), probs)
             else:
                 p.bad_epochs += 1
             p.stopped = tc.patience is not None and p.bad_epochs >= tc.patience
-            write_log(self.run_dir / "log.csv", p.history)
-            plot_curves(self.run_dir / "curves.png", p.history, f"{self.cfg.name} {self.run_dir.name}")
+            write_log(self.run_dir / runs.LOG_FILE, p.history)
+            plot_curves(self.run_dir / runs.CURVES_FILE, p.history, f"{self.cfg.name} {self.run_dir.name}")
             tqdm.write(f"{self.cfg.name} {self.run_dir.name} {_describe(row)}", file=sys.stderr)
         p.stopped = broadcast_object(p.stopped, self.info)
         p.epoch, p.batch, p.sums, p.seconds = p.epoch + 1, 0, [0.0, 0.0, 0.0], 0.0
@@ -353,7 +355,7 @@ class Trainer:
     def _save_best(self, row: dict) -> None:
         save_checkpoint({"model": self.eval_model.state_dict(), "epoch": row["epoch"],
                          "metrics": {k: float(v) for k, v in row.items()}, "config": to_dict(self.cfg)},
-                        self.run_dir / "best.pt")
+                        self.run_dir / runs.BEST_FILE)
 
 
 def _describe(row: dict) -> str:

@@ -112,16 +112,3 @@ def evaluate(model: nn.Module, crops: np.ndarray, rows: np.ndarray, targets: np.
     metrics = {"val_loss": loss, "val_map": _nan_if_none(proxy["mAP"]), "val_auc": _nan_if_none(proxy["mAUC"]),
                "val_comp_map": scorer(probs) if scorer is not None else math.nan}
     return metrics, probs
-
-
-def write_oof(path: Path, table: pd.DataFrame, probs: np.ndarray) -> None:
-    """``ID, cell_id, p0..p18`` for every validation cell (atomic)."""
-    from ..fsutil import atomic_path
-
-    frame = pd.DataFrame({"ID": table["ID"].to_numpy(), "cell_id": table["cell_id"].to_numpy()})
-    for c in range(NUM_CLASSES):
-        frame[f"p{c}"] = probs[:, c].astype(np.float32)
-    # 7 significant digits keep every float32 probability distinct from 0: rounding to fixed decimals
-    # turned tiny probabilities into 0, which the metric reads as "no prediction"
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.7g")
