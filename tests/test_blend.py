@@ -5,13 +5,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from builders import build_world
 
-from hpasc.blend import (BlendError, blend_image, blend_runs, blend_submissions, coordinate_search,
-                         FoldObjective, cell_confidences, search_weights)
+from hpasc.blend import (
+    BlendError,
+    FoldObjective,
+    blend_image,
+    blend_runs,
+    blend_submissions,
+    cell_confidences,
+    coordinate_search,
+    search_weights,
+)
 from hpasc.cv import load_cv_data
 from hpasc.labels import NUM_CLASSES
 from hpasc.rle import encode_mask
-from builders import build_world
 
 # --------------------------------------------------------------------------- weights over runs
 

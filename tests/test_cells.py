@@ -6,8 +6,14 @@ import pandas as pd
 import pytest
 
 from hpasc import cells as cellmod
-from hpasc.cells import (CellCacheError, build_cell_cache, cell_boxes, cell_table, extract_crops,
-                         load_cell_cache)
+from hpasc.cells import (
+    CellCacheError,
+    build_cell_cache,
+    cell_boxes,
+    cell_table,
+    extract_crops,
+    load_cell_cache,
+)
 from hpasc.config import CellsConfig
 from hpasc.io import write_image, write_png_atomic
 

@@ -6,24 +6,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from builders import SIZE, build_world, label_map, noisy, perfect  # noqa: E402
+from builders import WORLD_CLASSES as CLASSES
 
-from hpasc.cv import (CVError, cross_validate, fast_map, group_runs, label_map_runs, load_cv_data, match_image,
-                      read_oof)
+from hpasc.cv import CVError, cross_validate, group_runs, load_cv_data, read_oof
+from hpasc.fastmap import fast_map, match_image
 from hpasc.labels import NUM_CLASSES
-from hpasc.rle import encode_mask
-
-from builders import SIZE, WORLD_CLASSES as CLASSES, build_world, label_map, noisy, perfect  # noqa: E402
-
-
-
-
-
-
-
-
-
-
-
+from hpasc.rle import encode_mask, label_map_runs
 
 # --------------------------------------------------------------------------- matching and AP
 

@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from hpasc.config import CellsConfig
-from hpasc.data import (AUGMENTATIONS, CellDataset, ChannelIntensity, CellTransform,
-                        WeightedDistributedSampler, build_transform, class_balance_weights,
-                        identities_from_targets, make_loader, select_cells)
+from hpasc.data import (
+    AUGMENTATIONS,
+    CellDataset,
+    CellTransform,
+    ChannelIntensity,
+    WeightedDistributedSampler,
+    build_transform,
+    class_balance_weights,
+    identities_from_targets,
+    make_loader,
+    select_cells,
+)
 
 
 def small_table() -> pd.DataFrame:

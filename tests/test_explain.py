@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from hpasc.explain import ExplainError, GradCAM, choose_classes, find_target_layer, integrated_gradients
+from hpasc.explain import (
+    ExplainError,
+    GradCAM,
+    choose_classes,
+    find_target_layer,
+    integrated_gradients,
+)
 
 S = 32
 PATCH = (slice(20, 26), slice(4, 10))  # rows 20..25, columns 4..9
@@ -114,10 +120,11 @@ def test_choose_classes():
 
 @pytest.mark.slow
 def test_explain_image_writes_overlays_from_a_run_folder(tmp_path):
+    from builders import build_world, perfect
+
     from hpasc.cli import main
     from hpasc.config import load_config, replace, save_config
     from hpasc.models import build_model
-    from builders import build_world, perfect
 
     world = build_world(tmp_path, {"a": perfect}, n_images=2, n_folds=1, with_images=True)
     run = world["runs"] / "a" / "fold0"

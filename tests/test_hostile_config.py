@@ -10,7 +10,15 @@ import torch
 from builders import hand_made_fold, tiny_cfg
 
 from hpasc.cli import main
-from hpasc.config import CHOICES, Config, ConfigError, choices, load_config, replace, save_config
+from hpasc.config import (
+    CHOICES,
+    Config,
+    ConfigError,
+    choices,
+    load_config,
+    replace,
+    save_config,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

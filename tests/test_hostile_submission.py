@@ -14,8 +14,13 @@ import pytest
 from hpasc.cli import main
 from hpasc.metric import ScoreError, score
 from hpasc.rle import MaskDecodeError, encode_mask, mask_runs
-from hpasc.submission import (SubmissionError, parse_prediction_string, read_sample, read_submission,
-                              validate_submission)
+from hpasc.submission import (
+    SubmissionError,
+    parse_prediction_string,
+    read_sample,
+    read_submission,
+    validate_submission,
+)
 
 H = W = 8
 

@@ -9,10 +9,24 @@ import pytest
 
 from hpasc import paths
 from hpasc.io import (
-    CHANNELS, ImageReadError, channel_path, image_size, read_channel, read_image, to_uint, write_image,
+    CHANNELS,
+    ImageReadError,
+    channel_path,
+    image_size,
+    read_channel,
+    read_image,
+    to_uint,
+    write_image,
 )
 from hpasc.labels import (
-    CLASS_NAMES, NEGATIVE, NUM_CLASSES, LabelError, format_label, multihot_matrix, parse_label, to_multihot,
+    CLASS_NAMES,
+    NEGATIVE,
+    NUM_CLASSES,
+    LabelError,
+    format_label,
+    multihot_matrix,
+    parse_label,
+    to_multihot,
 )
 
 # ----------------------------------------------------------------------------------------- labels

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from hpasc.config import LossConfig
-from hpasc.losses import Criterion, batch_hard_triplet, group_targets, pairwise_distances, single_label_identities
+from hpasc.losses import (
+    Criterion,
+    batch_hard_triplet,
+    group_targets,
+    pairwise_distances,
+    single_label_identities,
+)
 
 
 def test_batch_hard_triplet_hand_computed():

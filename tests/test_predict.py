@@ -16,6 +16,7 @@ from hpasc.confidence import combine
 from hpasc.config import InferenceConfig
 from hpasc.predict import chunks, ensemble, runner
 
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, make_run) -> Path:
     root = tmp_path_factory.mktemp("runs")

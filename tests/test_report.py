@@ -5,10 +5,10 @@ import re
 
 import numpy as np
 import pytest
+from builders import build_world, perfect
 
 from hpasc.labels import CLASS_NAMES, NUM_CLASSES
 from hpasc.report import build_report, composite, cooccurrence
-from builders import build_world, perfect
 
 
 def _images(html: str) -> list[str]:

@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from builders import two_cell_image  # noqa: E402
 
 from hpasc.config import SegmentationConfig
-from hpasc.segmentation import (Segmentation, cell_stats, check_image, f1_at_iou, finalize,
-                                get_backend, iou_matrix, resize_labels, segment)
+from hpasc.segmentation import (
+    Segmentation,
+    cell_stats,
+    check_image,
+    f1_at_iou,
+    finalize,
+    get_backend,
+    iou_matrix,
+    resize_labels,
+    segment,
+)
 from hpasc.segmentation.postprocess import min_areas, relabel_consecutive
-
-from builders import two_cell_image  # noqa: E402
 
 SAMPLE_IDS = ("000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0", "b6a469d8-bbad-11e8-b2ba-ac1f6b6435d0",
               "f0ac7116-bb99-11e8-b2b9-ac1f6b6435d0")

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import pytest
+from builders import two_cell_image
 
 from hpasc.config import SegmentationConfig
 from hpasc.segmentation import get_backend
-
-from builders import two_cell_image
 
 
 def test_missing_model_file_is_an_error(tmp_path):

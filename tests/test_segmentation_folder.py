@@ -4,13 +4,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from builders import two_cell_image
 
 from hpasc.cli import main
 from hpasc.io import ImageReadError, write_image
 from hpasc.segmentation import read_masks, segment_folder
 from hpasc.segmentation.folder import list_image_ids, read_id_list
-
-from builders import two_cell_image
 
 
 @pytest.fixture()

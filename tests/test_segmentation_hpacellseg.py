@@ -12,7 +12,13 @@ from torch import nn
 
 from hpasc.config import SegmentationConfig
 from hpasc.segmentation.dpn_unet import DPNUnet, load_dpn_unet, load_pickled_state
-from hpasc.segmentation.hpacellseg import MEAN, PAD, label_cells, label_nuclei, prepare_input
+from hpasc.segmentation.hpacellseg import (
+    MEAN,
+    PAD,
+    label_cells,
+    label_nuclei,
+    prepare_input,
+)
 
 
 class fake_package:

@@ -12,7 +12,12 @@ from hpasc.io import read_image
 from hpasc.labels import NEGATIVE, parse_label
 from hpasc.rle import decode_mask
 from hpasc.synthetic import (
-    SynthesisError, assign_cell_labels, generate_image, image_label, label_combinations, make_image,
+    SynthesisError,
+    assign_cell_labels,
+    generate_image,
+    image_label,
+    label_combinations,
+    make_image,
     synthesize,
 )
 from hpasc.synthetic.patterns import PAINTERS, CellCtx

@@ -19,7 +19,6 @@ from hpasc.training.state import ModelEma, lr_factor, rng_state, set_rng_state
 REPO = Path(__file__).resolve().parents[1]
 from builders import hand_made_cells, hand_made_fold, tiny_cfg  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

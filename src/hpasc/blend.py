@@ -34,7 +34,8 @@ from typing import Sequence
 import numpy as np
 import yaml
 
-from .cv import CVData, fast_map, load_cv_data, proxy_scores
+from .cv import CVData, load_cv_data, proxy_scores
+from .fastmap import fast_map
 from .fsutil import write_text_atomic
 from .labels import NUM_CLASSES
 

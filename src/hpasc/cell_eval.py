@@ -20,7 +20,15 @@ import numpy as np
 import pandas as pd
 
 from .labels import NUM_CLASSES
-from .metric import IOU_THRESHOLD, _binary_auc, _frame, read_truth, runs_iou, score, truth_cells
+from .metric import (
+    IOU_THRESHOLD,
+    _binary_auc,
+    _frame,
+    read_truth,
+    runs_iou,
+    score,
+    truth_cells,
+)
 from .rle import mask_runs
 from .submission import parse_prediction_string, read_submission
 

@@ -252,7 +252,9 @@ def _unit_float(image: np.ndarray) -> np.ndarray:
 def cell_table(image_id: str, image: np.ndarray, cells: np.ndarray, nuclei: np.ndarray) -> pd.DataFrame:
     """One row per cell 1..n: ID, cell_id, box, area, nucleus_area, border, rel_area, per-channel
     ``mean_<colour>``/``max_<colour>`` (image in [0, 1]) and regionprops shape features."""
-    from .segmentation import cell_stats  # the border/relative-area rule lives with the segmentation
+    from .segmentation import (
+        cell_stats,  # the border/relative-area rule lives with the segmentation
+    )
 
     cells = _check_label_map(cells, f"{image_id}: cell label map")
     nuclei = _check_label_map(nuclei, f"{image_id}: nucleus label map")

@@ -31,11 +31,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from . import runs
 from .config import Config, InferenceConfig, load_config
+from .fastmap import CompetitionTruth, build_competition_truth, fast_map
 from .fsutil import read_csv
 from .labels import CLASS_NAMES, NUM_CLASSES, parse_label, to_multihot
-from . import runs
 from .runs import PROB_COLUMNS
+
 
 class CVError(ValueError):
     """Run folders or OOF files that cannot be evaluated; the message names the file."""
@@ -97,16 +99,6 @@ def run_config(group: RunGroup) -> Config:
 
 # --------------------------------------------------------------------------- data paths from a config
 
-def read_label_map(masks_dir: str | Path, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cached segmentation of one image -> (cell label map, border flags, rel_area), the per-cell
-    geometry as the segmentation post-processing records it (``cell_stats``)."""
-    from .segmentation import cell_stats, read_masks
-
-    cells, _ = read_masks(masks_dir, image_id)
-    border, rel_area = cell_stats(cells)
-    return cells, border, rel_area
-
-
 def read_image_labels(path: str | Path) -> dict[str, tuple[int, ...]]:
     """``ID,Label`` CSV (train.csv or folds.csv) -> {ID: class ids}."""
     path = Path(path)
@@ -124,133 +116,6 @@ def find_labels_csv(cfg: Config) -> Path:
             return path
     raise CVError(f"{cfg.name}: neither {cfg.data.folds_csv} nor {cfg.data.train_csv} found "
                   f"(data.root={cfg.data.root}); pass the labels CSV explicitly")
-
-
-# --------------------------------------------------------------------------- the competition mAP, fast
-
-def label_map_runs(labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Label map -> per cell 1..n its foreground runs in the codec's column-major order (``mask_runs``
-    form), from one pass over the pixels."""
-    flat = np.asarray(labels).ravel(order="F")
-    n = int(flat.max(initial=0))
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.r_[0, change].astype(np.int64)
-    ends = np.r_[change, flat.size].astype(np.int64)
-    owner = flat[starts]
-    keep = owner > 0
-    starts, ends, owner = starts[keep], ends[keep], owner[keep]
-    order = np.argsort(owner, kind="stable")  # runs stay sorted within each cell
-    bounds = np.searchsorted(owner[order], np.arange(1, n + 2))
-    return [(starts[order[bounds[i]:bounds[i + 1]]], ends[order[bounds[i]:bounds[i + 1]]]) for i in range(n)]
-
-
-def match_image(pred_labels: np.ndarray, truth_labels: list[tuple[int, ...]],
-                truth_masks: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One image -> (tp (n_pred, 19) bool, n_truth (19,) int).
-
-    tp[p, c]: the class-c truth cell that predicted cell p+1 overlaps best has IoU >= 0.6 (float32, first
-    cell on ties, as ``hpasc.metric`` does). Intersections come from the scorer's sweep over mask runs.
-    """
-    from .metric import IOU_THRESHOLD, runs_iou
-    from .rle import mask_runs
-
-    height, width = pred_labels.shape
-    pred_runs = label_map_runs(pred_labels)
-    truth_runs = [mask_runs(m, height, width) for m in truth_masks]
-    n_pred = len(pred_runs)
-    tp = np.zeros((n_pred, NUM_CLASSES), bool)
-    n_truth = np.zeros(NUM_CLASSES, np.int64)
-    if not truth_runs or not n_pred:
-        for labs in truth_labels:
-            n_truth[list(labs)] += 1
-        return tp, n_truth
-    iou = runs_iou(truth_runs, pred_runs)
-    for c in range(NUM_CLASSES):
-        cols = [t for t, labs in enumerate(truth_labels) if c in labs]
-        n_truth[c] = len(cols)
-        if cols:
-            sub = iou[:, cols]
-            tp[:, c] = sub[np.arange(n_pred), np.argmax(sub, axis=1)] >= np.float32(IOU_THRESHOLD)
-    return tp, n_truth
-
-
-@dataclass
-class CompetitionTruth:
-    """Per OOF row: TP flag and relevance of each class; per image: truth instance counts.
-
-    ``relevant[r, c]`` is False when the row's image has no class-c truth (``verified="gt"`` ignores such
-    predictions). ``border`` and ``rel_area`` per row feed the confidence recipe.
-    """
-
-    tp: np.ndarray  # (n_rows, 19) bool
-    relevant: np.ndarray  # (n_rows, 19) bool
-    n_truth: np.ndarray  # (n_images, 19) int
-    border: np.ndarray  # (n_rows,) bool
-    rel_area: np.ndarray  # (n_rows,) float
-
-
-def build_competition_truth(keys: pd.DataFrame, image_ids: Sequence[str], truth_csv: Path,
-                            masks_dir: Path, progress: bool = True) -> CompetitionTruth:
-    """Precompute the TP flags of every OOF row against the truth CSV (one pass per image)."""
-    from tqdm import tqdm
-
-    from .metric import read_truth, truth_cells
-
-    truth = read_truth(truth_csv).drop_duplicates("ID").set_index("ID")
-    n = len(keys)
-    out = CompetitionTruth(np.zeros((n, NUM_CLASSES), bool), np.zeros((n, NUM_CLASSES), bool),
-                           np.zeros((len(image_ids), NUM_CLASSES), np.int64), np.zeros(n, bool), np.ones(n))
-    img_codes = keys["image"].to_numpy()
-    cell_ids = keys["cell_id"].to_numpy()
-    starts = np.searchsorted(img_codes, np.arange(len(image_ids) + 1))
-    for i, image_id in enumerate(tqdm(image_ids, desc="truth", disable=None if progress else True)):
-        if image_id not in truth.index:
-            raise CVError(f"{truth_csv}: image {image_id} of the OOF predictions has no truth row")
-        row = truth.loc[image_id]
-        labels_map, border, rel_area = read_label_map(masks_dir, image_id)
-        if labels_map.shape != (int(row.ImageHeight), int(row.ImageWidth)):
-            raise CVError(f"{masks_dir}/{image_id}.png: label map {labels_map.shape} but the truth says "
-                          f"{row.ImageHeight}x{row.ImageWidth}")
-        t_masks, t_labels = truth_cells(image_id, row.PredictionString)
-        tp, n_truth = match_image(labels_map, t_labels, t_masks)
-        rows = slice(starts[i], starts[i + 1])
-        cells = cell_ids[rows]
-        if len(cells) and cells.max() > tp.shape[0]:
-            raise CVError(f"{masks_dir}/{image_id}.png: has {tp.shape[0]} cells but the OOF names cell "
-                          f"{cells.max()}")
-        out.tp[rows] = tp[cells - 1]
-        out.relevant[rows] = n_truth > 0
-        out.n_truth[i] = n_truth
-        out.border[rows] = border[cells - 1]
-        out.rel_area[rows] = rel_area[cells - 1]
-    return out
-
-
-def fast_map(conf: np.ndarray, truth: CompetitionTruth, rows: np.ndarray | None = None,
-             images: np.ndarray | None = None, floor: float = 0.0) -> tuple[float, np.ndarray]:
-    """Competition mAP (``verified="gt"``) of confidences (n_rows, 19) -> (mAP, per-class AP with NaN).
-
-    As in a written submission, a confidence that is 0 or below ``floor`` is not a prediction.
-    ``rows``/``images`` (boolean masks) restrict to a subset of images, e.g. one fold. Ties rank in row
-    order (the scorer ranks ties in submission order; distinct confidences give identical results).
-    """
-    from .metric import average_precision
-
-    tp, rel, n_truth = truth.tp, truth.relevant, truth.n_truth
-    if rows is not None:
-        conf, tp, rel = conf[rows], tp[rows], rel[rows]
-    if images is not None:
-        n_truth = n_truth[images]
-    written = (conf > 0) & (conf >= floor)
-    totals = n_truth.sum(axis=0)
-    ap = np.full(NUM_CLASSES, np.nan)
-    for c in range(NUM_CLASSES):
-        if totals[c] > 0:
-            sel = rel[:, c] & written[:, c]
-            order = np.argsort(-conf[sel, c], kind="stable")
-            ap[c] = average_precision(tp[sel, c][order], int(totals[c]))
-    valid = ~np.isnan(ap)
-    return (float(ap[valid].mean()) if valid.any() else float("nan")), ap
 
 
 # --------------------------------------------------------------------------- the evaluation data
@@ -345,8 +210,8 @@ def load_cv_data(run_dirs: Sequence[str | Path], labels_csv: str | Path | None =
     if use_truth and truth_path is not None:
         if not truth_path.is_file():
             raise CVError(f"{truth_path}: truth CSV not found")
-        data.truth = build_competition_truth(keys, image_ids, truth_path,
-                                             Path(masks_dir) if masks_dir else runs.masks_dir(cfg.data.work_dir), progress)
+        masks = Path(masks_dir) if masks_dir else runs.masks_dir(cfg.data.work_dir)
+        data.truth = build_competition_truth(keys, image_ids, truth_path, masks, progress, error=CVError)
     return data
 
 

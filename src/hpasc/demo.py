@@ -113,14 +113,13 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
     when ``DATA/truth/test.csv`` exists.
     """
     from .folds import make_folds
+    from .fsutil import read_csv
     from .metric import read_truth, score
     from .predict import predict
     from .segmentation import segment_folder
     from .submission import validate_submission, write_submission
     from .synthetic import synthesize
     from .train import train_fold
-
-    from .fsutil import read_csv
 
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -229,14 +229,13 @@ def explain_image(run_dir: str | os.PathLike, image_id: str, cell: int | None = 
     ``<run_dir>/explain``), plus ``{ID}_overview.png`` with the cell ids. Returns the per-cell PNG paths."""
     from tqdm import tqdm
 
-    from .cells import extract_crops
     from . import runs
-    from .cv import read_label_map
+    from .cells import extract_crops
+    from .device import resolve_device
     from .io import read_image
     from .models import load_run
     from .paths import data_root
-
-    from .device import resolve_device
+    from .segmentation.folder import read_label_map
 
     device = str(resolve_device(device, where="explain --device"))
     cfg, model = load_run(run_dir, which=which, device=device)

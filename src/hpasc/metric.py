@@ -45,7 +45,13 @@ from tqdm import tqdm
 
 from .labels import CLASS_NAMES, NUM_CLASSES
 from .rle import MaskDecodeError, mask_runs
-from .submission import COLUMNS, SubmissionError, parse_prediction_string, parse_truth_string, read_submission
+from .submission import (
+    COLUMNS,
+    SubmissionError,
+    parse_prediction_string,
+    parse_truth_string,
+    read_submission,
+)
 
 IOU_THRESHOLD = 0.6
 VERIFIED = ("gt", "all")

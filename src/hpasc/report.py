@@ -25,13 +25,23 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .config import Config
 from . import runs
-from .cv import CVData, CVResult, RunGroup, evaluate, find_labels_csv, group_runs, load_cv_data, \
-    read_image_labels, read_label_map, run_config
+from .config import Config
+from .cv import (
+    CVData,
+    CVResult,
+    RunGroup,
+    evaluate,
+    find_labels_csv,
+    group_runs,
+    load_cv_data,
+    read_image_labels,
+    run_config,
+)
 from .fsutil import atomic_path, read_csv, write_text_atomic
 from .labels import CLASS_NAMES, NUM_CLASSES
 from .paths import data_root
+from .segmentation.folder import read_label_map
 
 CURVE_LOSSES = ("bce", "triplet", "val_loss")
 CURVE_SCORES = ("val_map", "val_auc", "val_comp_map")

@@ -176,6 +176,26 @@ def _cell_count_strings(starts: np.ndarray, values: np.ndarray, total: int, max_
     return cells, offsets, buf
 
 
+def label_map_runs(label_map: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Label map -> for each cell 1..max its foreground runs ``(starts, ends)`` in the codec's
+    column-major order (the ``mask_runs`` form), from the same one-pass sweep as the encoder."""
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2 or label_map.dtype.kind not in "iu":
+        raise ValueError(f"expected a 2-D integer label map, got {label_map.dtype} {label_map.shape}")
+    n = int(label_map.max(initial=0))
+    if label_map.size == 0 or n == 0:
+        return [(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in range(n)]
+    if label_map.dtype not in (np.int32, np.uint16, np.uint8):
+        label_map = label_map.astype(np.int32)
+    starts, values = _label_runs(label_map)
+    ends = np.r_[starts[1:], label_map.size]
+    keep = values > 0
+    starts, ends, values = starts[keep], ends[keep], values[keep]
+    order = np.argsort(values, kind="stable")  # runs stay sorted within each cell
+    bounds = np.searchsorted(values[order], np.arange(1, n + 2))
+    return [(starts[order[bounds[i]:bounds[i + 1]]], ends[order[bounds[i]:bounds[i + 1]]]) for i in range(n)]
+
+
 def encode_label_map(labels: np.ndarray) -> dict[int, str]:
     """Every cell id > 0 of a label map -> its competition encoding, ascending by id.
 

@@ -20,7 +20,13 @@ from ..labels import NUM_CLASSES
 from ..submission import read_sample
 from .budget import Budget, degradation_ladder
 from .chunks import CropTensors, cpu_threads, image_head_probs, predict_chunk
-from .ensemble import Member, PredictError, inference_config, load_ensemble, resolve_device
+from .ensemble import (
+    Member,
+    PredictError,
+    inference_config,
+    load_ensemble,
+    resolve_device,
+)
 from .image import Prepared, _row, prepare_image
 from .shards import PROB_COLUMNS, _finish, parse_shard
 

@@ -11,13 +11,16 @@ import numpy as np
 import pandas as pd
 
 from ..fsutil import atomic_path, write_text_atomic
+from ..runs import (  # the out-of-fold format; .cells.csv adds border and rel_area
+    PROB_COLUMNS,
+    read_oof,
+)
 from ..submission import (
     SubmissionError,
     read_submission,
     validate_submission,
     write_submission,
 )
-from ..runs import PROB_COLUMNS, read_oof  # the out-of-fold format; .cells.csv adds border and rel_area
 from .ensemble import PredictError
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,15 @@ form used by the rest of the pipeline (``MASKS_DIR/{ID}.png`` and ``{ID}_nuclei.
 """
 from __future__ import annotations
 
-from .base import (Backend, Segmentation, available_backends, check_image, get_backend,
-                   register_backend, segment)
+from .base import (
+                   Backend,
+                   Segmentation,
+                   available_backends,
+                   check_image,
+                   get_backend,
+                   register_backend,
+                   segment,
+)
 from .folder import read_masks, segment_folder
 from .postprocess import cell_stats, finalize, resize_labels
 from .quality import f1_at_iou, iou_matrix, match_counts

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from ..config import SegmentationConfig
 from ..fsutil import read_csv
-from ..paths import check_id, is_plain_id
 from ..io import CHANNELS, EXTENSIONS, ImageReadError, read_image, write_png_atomic
+from ..paths import check_id, is_plain_id
 from .base import Segmentation, segment
 
 MAX_LABEL = np.iinfo(np.uint16).max
@@ -93,6 +93,16 @@ def read_masks(masks_dir: os.PathLike | str, image_id: str) -> tuple[np.ndarray,
         raise ImageReadError(nuclei_path, f"shape {nuclei.shape} differs from {cells_path.name} "
                                           f"{cells.shape}")
     return cells, nuclei
+
+
+def read_label_map(masks_dir: str | Path, image_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cached segmentation of one image -> (cell label map, border flags, rel_area), the per-cell
+    geometry as the segmentation post-processing records it (``cell_stats``)."""
+    from .postprocess import cell_stats
+
+    cells, _ = read_masks(masks_dir, image_id)
+    border, rel_area = cell_stats(cells)
+    return cells, border, rel_area
 
 
 def overlay_image(image: np.ndarray, seg: Segmentation, max_side: int = 1024) -> np.ndarray:

@@ -9,7 +9,13 @@ No torch here.
 from __future__ import annotations
 
 from .label_table import label_combinations, sample_label_set
-from .render import SyntheticImage, assign_cell_labels, generate_image, image_label, make_image
+from .render import (
+    SyntheticImage,
+    assign_cell_labels,
+    generate_image,
+    image_label,
+    make_image,
+)
 from .world import REAL_TEST_SIZES, SynthesisError, synthesize, truth_string
 
 __all__ = [

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .draw import add_spots, blur, draw_paths, normalise, random_walks, sample_points, smooth_noise
+from .draw import (
+    add_spots,
+    blur,
+    draw_paths,
+    normalise,
+    random_walks,
+    sample_points,
+    smooth_noise,
+)
 
 
 @dataclass

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import Config
-from ..labels import LabelError, multihot_matrix, parse_label
-from ..fsutil import read_csv
 from .. import runs
+from ..config import Config
+from ..fsutil import read_csv
+from ..labels import LabelError, multihot_matrix, parse_label
 from ..paths import data_root, is_plain_id
 from ..runs import resolve_data_file
 

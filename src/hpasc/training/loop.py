@@ -32,8 +32,17 @@ from .distributed import DistInfo, barrier, broadcast_object, mean_over_ranks
 from .fold_data import FoldData
 from .logs import plot_curves, write_log
 from .sampling import EpochSampler, SeededItems
-from .state import (CheckpointError, ModelEma, load_checkpoint, lr_factor, rng_state, save_checkpoint, seed_everything, set_lr,
-                    set_rng_state)
+from .state import (
+    CheckpointError,
+    ModelEma,
+    load_checkpoint,
+    lr_factor,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_lr,
+    set_rng_state,
+)
 from .validation import CompetitionScorer, evaluate
 
 
