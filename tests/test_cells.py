@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpasc import cells as cellmod
+from hpasc.cells import cache as cellmod
 from hpasc.cells import (
     CellCacheError,
     build_cell_cache,

@@ -236,7 +236,7 @@ def test_every_backend_rejects_a_working_scale_outside_0_1(backend, scale):
 
 
 def test_integer_images_scale_exactly_as_the_reader_does():
-    from hpasc.cells import _unit_float
+    from hpasc.cells.features import _unit_float
     from hpasc.io import integer_to_unit
     from hpasc.segmentation.base import check_image
 
