@@ -12,11 +12,9 @@ from hpasc.data import (
     CellDataset,
     CellTransform,
     ChannelIntensity,
-    WeightedDistributedSampler,
     build_transform,
     class_balance_weights,
     identities_from_targets,
-    make_loader,
     select_cells,
 )
 
@@ -104,30 +102,6 @@ def test_class_balance_weights_hand_computed():
     assert class_balance_weights(empty, cap=3.0).tolist() == [1.0, 1.0]  # no positives -> 1
     with pytest.raises(ValueError):
         class_balance_weights(targets, cap=0.5)
-
-
-def test_weighted_loader_oversamples_the_rare_class():
-    targets = np.zeros((100, 19), np.float32)
-    targets[:90, 0] = 1
-    targets[90:, 1] = 1
-    ds = CellDataset(np.zeros((100, 8, 8, 4), np.uint8), targets)
-    loader = make_loader(ds, batch_size=50, train=True, weights=class_balance_weights(targets, cap=100), seed=1)
-    seen = torch.cat([b["target"] for _ in range(5) for b in loader])
-    share = seen[:, 1].mean().item()
-    assert 0.4 < share < 0.6  # balanced: about half, against 10 % without weights
-
-
-def test_weighted_distributed_sampler_splits_one_draw():
-    weights = np.ones(10)
-    r0 = WeightedDistributedSampler(weights, num_replicas=2, rank=0, seed=7)
-    r1 = WeightedDistributedSampler(weights, num_replicas=2, rank=1, seed=7)
-    a, b = list(r0), list(r1)
-    assert len(a) == len(b) == len(r0) == 5
-    gen = torch.Generator().manual_seed(7)
-    full = torch.multinomial(torch.ones(10, dtype=torch.double), 10, replacement=True, generator=gen).tolist()
-    assert a == full[0::2] and b == full[1::2]
-    r0.set_epoch(1)
-    assert list(r0) != a
 
 
 # --------------------------------------------------------------------------- transforms
@@ -259,26 +233,3 @@ def test_dataset_pickles_a_memmap_as_its_path(tmp_path):
     assert isinstance(back.crops, np.memmap) and torch.equal(back[0]["image"], ds[0]["image"])
 
 
-def test_loader_batches_and_modes():
-    crops = np.zeros((10, 8, 8, 4), np.uint8)
-    ds = CellDataset(crops, np.eye(19, dtype=np.float32)[np.arange(10) % 19])
-    train = make_loader(ds, batch_size=4, train=True, seed=0)
-    batches = list(train)
-    assert len(batches) == 2 and batches[0]["image"].shape == (4, 4, 8, 8)  # drop_last
-    assert batches[0]["identity"].dtype == torch.int64
-    order = [int(i) for b in make_loader(ds, batch_size=4, train=False) for i in b["index"]]
-    assert order == list(range(10))  # inference keeps the order and the last partial batch
-    assert not make_loader(ds, 4, train=False).pin_memory or torch.cuda.is_available()
-    with pytest.raises(ValueError, match="weights"):
-        make_loader(ds, 4, train=True, weights=np.ones(3))
-
-
-def test_workers_draw_different_augmentations():
-    crops = np.zeros((8, 4, 4, 4), np.uint8)
-    crops[:, 0, 0, 0] = 255
-    ds = CellDataset(crops, transform=build_transform(CellsConfig(augment="light"), train=True, seed=0))
-    loader = make_loader(ds, batch_size=1, train=False, num_workers=2)
-    corners = [int(b["image"][0, 0].argmax()) for b in loader]
-    # worker 0 serves items 0, 2, 4, 6 and worker 1 items 1, 3, 5, 7: without reseeding both
-    # workers would produce the same sequence of flips
-    assert corners[0::2] != corners[1::2]

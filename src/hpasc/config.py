@@ -279,7 +279,7 @@ CHOICES: dict[str, str] = {
     "InferenceConfig.recipe": "hpasc.confidence:RECIPES",
     "InferenceConfig.image_agg": "hpasc.confidence:IMAGE_AGGREGATIONS",
     "InferenceConfig.negative": "hpasc.confidence:NEGATIVE_MODES",
-    "InferenceConfig.tta": "hpasc.predict.ensemble:TTA_NAMES",
+    "InferenceConfig.tta": "hpasc.tta:TTA_NAMES",
 }
 _DEVICE_FIELDS = {"SegmentationConfig.device", "TrainConfig.device"}
 

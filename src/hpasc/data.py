@@ -1,4 +1,5 @@
-"""Cell crops for torch: selections, 4-channel augmentation, normalisation, datasets and loaders.
+"""Cell crops for torch: selections, 4-channel augmentation, normalisation and the dataset (the training
+sampler is ``hpasc.training.sampling``).
 
 Training and inference share one preprocessing (``CellTransform``): uint8 crop -> float32 in [0, 1] ->
 [random augmentations, training only] -> per-channel ``(x - mean) / std`` from the config -> 4 x S x S
@@ -21,11 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import (
-    DataLoader,
     Dataset,
-    DistributedSampler,
-    Sampler,
-    WeightedRandomSampler,
 )
 
 from .labels import NUM_CLASSES, multihot_matrix
@@ -118,33 +115,6 @@ def class_balance_weights(targets: np.ndarray, cap: float = 10.0) -> np.ndarray:
     weights = np.where(positive, class_w[None, :], 0.0).max(axis=1)
     weights[~positive.any(axis=1)] = 1.0
     return weights / weights.mean()
-
-
-class WeightedDistributedSampler(Sampler[int]):
-    """Weighted sampling with replacement, split across DDP ranks (same draw on every rank)."""
-
-    def __init__(self, weights: np.ndarray, num_replicas: int | None = None, rank: int | None = None,
-                 seed: int = 0):
-        import torch.distributed as dist
-
-        self.weights = torch.as_tensor(np.asarray(weights), dtype=torch.double)
-        self.num_replicas = num_replicas if num_replicas is not None else dist.get_world_size()
-        self.rank = rank if rank is not None else dist.get_rank()
-        self.seed = seed
-        self.epoch = 0
-        self.num_samples = -(-len(self.weights) // self.num_replicas)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        total = self.num_samples * self.num_replicas
-        draw = torch.multinomial(self.weights, total, replacement=True, generator=gen)
-        return iter(draw[self.rank:total:self.num_replicas].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -270,10 +240,12 @@ class CellTransform:
             raise ValueError(f"crops: expected uint8 (n, S, S, 4), got {crops.dtype} {crops.shape}")
         if self.augment is not None:
             return torch.stack([self(c) for c in crops]) if len(crops) else torch.zeros((0, 4) + crops.shape[1:3])
-        x = torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2))).float()
-        scale = torch.from_numpy(self.inv_std / np.float32(255)).view(1, 4, 1, 1)
-        shift = torch.from_numpy(self.mean * self.inv_std).view(1, 4, 1, 1)
-        return x * scale - shift
+        # the same float32 operations in the same order as __call__: a crop normalises to the same bits
+        # at inference as in training and validation
+        x = torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2))).float() * np.float32(1 / 255)
+        mean = torch.from_numpy(self.mean).view(1, 4, 1, 1)
+        inv_std = torch.from_numpy(self.inv_std).view(1, 4, 1, 1)
+        return (x - mean) * inv_std
 
 
 def build_transform(cells_cfg: Any, train: bool, seed: int | None = None) -> CellTransform:
@@ -290,7 +262,7 @@ def build_transform(cells_cfg: Any, train: bool, seed: int | None = None) -> Cel
     return CellTransform(cells_cfg.mean, cells_cfg.std, augment, seed=seed)
 
 
-# --------------------------------------------------------------------------- dataset and loader
+# --------------------------------------------------------------------------- dataset
 
 
 class CellDataset(Dataset):
@@ -348,46 +320,3 @@ class CellDataset(Dataset):
                 "identity": int(self.identities[i]), "index": row}
 
 
-def _worker_init(worker_id: int) -> None:
-    """Each worker reseeds its copy of the augmentation (else all workers draw the same numbers)."""
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
-    if hasattr(dataset, "reseed"):
-        dataset.reseed(info.seed)
-
-
-def make_loader(dataset: Dataset, batch_size: int, train: bool, weights: np.ndarray | None = None,
-                num_workers: int = 0, distributed: bool = False, seed: int = 0) -> DataLoader:
-    """DataLoader for training (shuffled or class-balanced, drop_last) or inference (in order).
-
-    ``weights`` (training only): WeightedRandomSampler with replacement, one epoch = len(dataset)
-    draws. ``distributed``: each rank gets its share (DistributedSampler, or the weighted draw split
-    by rank); call ``loader.sampler.set_epoch(e)`` each epoch. pin_memory only with CUDA; workers
-    persist across epochs.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    sampler: Sampler | None = None
-    if train and weights is not None:
-        if len(weights) != len(dataset):
-            raise ValueError(f"weights: {len(weights)} values for {len(dataset)} items")
-        if distributed:
-            sampler = WeightedDistributedSampler(weights, seed=seed)
-        else:
-            sampler = WeightedRandomSampler(torch.as_tensor(np.asarray(weights), dtype=torch.double),
-                                            num_samples=len(dataset), replacement=True, generator=gen)
-    elif distributed:
-        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, drop_last=False)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=train and len(dataset) > batch_size,  # BatchNorm cannot take a last batch of one
-        persistent_workers=num_workers > 0,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        generator=gen,
-    )

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,7 @@ from torch import nn
 from .config import Config, ModelConfig, load_config, replace
 from .labels import NUM_CLASSES
 from .runs import BEST_FILE, CONFIG_FILE, LAST_FILE
+from .tta import apply_tta
 
 IN_CHANS = 4
 # The architectures with a production config in configs/ (any other timm name works as well).
@@ -144,6 +147,38 @@ def build_model(model_cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> CellC
     if run_state is not None:
         _load_run_weights(model, run_state, Path(model_cfg.pretrained))
     return model
+
+
+# --------------------------------------------------------------------------- the one model loop
+
+def forward(model: nn.Module, x: torch.Tensor, tta: str = "none", channels_last: bool = False,
+            amp: bool = True) -> dict:
+    """One batch through the model as validation and inference both run it: the TTA view, the memory
+    format, float16 autocast when ``amp`` on CUDA (never on the CPU), no gradients. ``x`` is already on
+    the device."""
+    cuda = x.device.type == "cuda"
+    view = apply_tta(x, tta)
+    if channels_last:
+        view = view.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda" if cuda else "cpu", dtype=torch.float16,
+                                                enabled=cuda and amp):
+        return model(view)
+
+
+def predict_logits(model: nn.Module, crops: np.ndarray, rows: np.ndarray, transform, batch_size: int,
+                   device: torch.device | str, amp: bool = True) -> np.ndarray:
+    """Logits (n, 19) float32 of ``crops[rows]`` in batches (``transform.batch``, then ``forward``);
+    ``crops`` may be a memory-mapped cache, only one batch of it is read at a time."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            x = transform.batch(np.asarray(crops[rows[start:start + batch_size]])).to(device, non_blocking=True)
+            out.append(forward(model, x, amp=amp)["logits"].float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -44,11 +44,11 @@ torch is imported only inside the functions that run models, so ``merge``, ``rea
 """
 from __future__ import annotations
 
+from ..tta import TTA_NAMES, apply_tta
 from .budget import Budget, Level, degradation_ladder
 from .chunks import (
                        ChunkOutput,
                        CropTensors,
-                       apply_tta,
                        available_cpus,
                        cpu_threads,
                        crop_key,
@@ -56,7 +56,6 @@ from .chunks import (
                        predict_chunk,
 )
 from .ensemble import (
-                       TTA_NAMES,
                        WEIGHTS_KEYS,
                        Member,
                        PredictError,

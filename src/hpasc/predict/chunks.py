@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import CellsConfig
 from ..labels import NUM_CLASSES
-from .ensemble import TTA_NAMES, Member
+from .ensemble import Member
 
 
 def available_cpus() -> int:
@@ -40,21 +40,6 @@ def cpu_threads(device: str, workers: int):
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def apply_tta(x, name: str):
-    """A test-time augmentation of an (N, C, S, S) batch. Square crops, so rotations keep the shape."""
-    import torch
-
-    if name == "none":
-        return x
-    if name == "hflip":
-        return torch.flip(x, dims=(3,))
-    if name == "vflip":
-        return torch.flip(x, dims=(2,))
-    if name.startswith("rot"):
-        return torch.rot90(x, k=int(name[3:]) // 90, dims=(2, 3))
-    raise ValueError(f"unknown TTA {name!r}; use {' | '.join(TTA_NAMES)}")
 
 
 def crop_key(cells: CellsConfig) -> tuple:
@@ -93,6 +78,8 @@ def predict_chunk(members: Sequence[Member], crops: dict[tuple, np.ndarray], tta
     """
     import torch
 
+    from ..models import forward
+
     n = len(next(iter(crops.values())))
     if n > batch_size:
         raise ValueError(f"{n} cells in a chunk of {batch_size}")
@@ -112,8 +99,7 @@ def predict_chunk(members: Sequence[Member], crops: dict[tuple, np.ndarray], tta
             x = (x.pin_memory() if cuda else x).to(device, non_blocking=True)
             for m in group:
                 for t in tta:
-                    with torch.autocast("cuda" if cuda else "cpu", dtype=torch.float16, enabled=cuda):
-                        out = m.model(apply_tta(x, t).contiguous(memory_format=torch.channels_last))
+                    out = forward(m.model, x, t, channels_last=True)
                     # sigmoid on the whole padded batch: vectorised and scalar tail paths round
                     # differently, so slicing first would make a cell's value depend on n
                     probs = torch.sigmoid(out["logits"].float())[:n].double().cpu().numpy()

@@ -17,30 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..labels import NUM_CLASSES
 
 
-@torch.no_grad()
 def predict_crops(model: nn.Module, crops: np.ndarray, rows: np.ndarray, cfg: Config,
                   device: torch.device) -> np.ndarray:
-    """Logits (n, 19) float32 of the crop ``rows`` with the inference preprocessing (no augmentation)."""
-    from ..data import CellDataset, build_transform, make_loader
+    """Logits (n, 19) float32 of the crop ``rows`` with the inference preprocessing (no augmentation),
+    through the model loop inference uses (``hpasc.models.predict_logits``)."""
+    from ..data import build_transform
+    from ..models import predict_logits
 
-    dataset = CellDataset(crops, transform=build_transform(cfg.cells, train=False), indices=rows)
     batch = cfg.train.val_batch_size or 2 * cfg.train.batch_size
-    # worker start-up costs more than it saves on a small validation set
-    workers = cfg.train.num_workers if len(rows) > 8 * batch else 0
-    loader = make_loader(dataset, batch, train=False, num_workers=workers)
-    amp = cfg.train.amp and device.type == "cuda"
-    was_training = model.training
-    model.eval()
-    out = []
-    for item in loader:
-        x = item["image"].to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            out.append(model(x)["logits"].float().cpu())
-    model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, NUM_CLASSES), np.float32)
+    return predict_logits(model, crops, np.asarray(rows), build_transform(cfg.cells, train=False), batch,
+                          device, amp=cfg.train.amp)
 
 
 class CompetitionScorer:
