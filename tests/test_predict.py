@@ -151,7 +151,7 @@ def test_budget_without_limit_never_degrades():
 
 def test_image_prediction_string_applies_the_recipe():
     from hpasc.rle import encode_label_map
-    from hpasc.submission import prediction_string
+    from hpasc.submission import image_prediction_string, prediction_string
 
     labels = np.zeros((8, 8), np.int32)
     labels[1:3, 1:3] = 1
@@ -159,13 +159,13 @@ def test_image_prediction_string_applies_the_recipe():
     probs = np.zeros((2, 19), np.float32)
     probs[0, 3], probs[1, 3], probs[1, 18] = 0.8, 0.4, 0.5
     cfg = InferenceConfig(recipe="cell_x_image", alpha=1.0, image_agg="max", negative="keep", floor=0.01)
-    text = P.image_prediction_string(labels, probs, cfg)
+    text = image_prediction_string(labels, combine(probs, cfg), floor=cfg.floor)
     enc = encode_label_map(labels)
     # class 3: 0.8 * 0.8, 0.4 * 0.8; Negative: 0.5 * 0.5 on cell 2
     assert text == f"3 0.64 {enc[1]} 3 0.32 {enc[2]} 18 0.25 {enc[2]}"
     assert text == prediction_string(enc, combine(probs, cfg), [1, 2], 0.01)
-    with pytest.raises(ValueError, match="2 cells"):
-        P.image_prediction_string(labels, probs[:1], cfg)
+    with pytest.raises(ValueError, match="1 rows of probs but 2 cell ids"):
+        image_prediction_string(labels, combine(probs[:1], cfg))
 
 
 def _write_sub(path: Path, rows: list[tuple[str, str]]) -> None:

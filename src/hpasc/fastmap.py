@@ -26,15 +26,15 @@ class FastMapError(ValueError):
     """Truth or label maps that do not fit the OOF predictions (names the file and image)."""
 
 
-def match_image(pred_labels: np.ndarray, truth_labels: list[tuple[int, ...]],
+def match_image(label_map: np.ndarray, truth_labels: list[tuple[int, ...]],
                 truth_masks: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """One image -> (tp (n_pred, 19) bool, n_truth (19,) int).
 
     tp[p, c]: the class-c truth cell that predicted cell p+1 overlaps best has IoU >= 0.6 (float32, first
     cell on ties, as ``hpasc.metric`` does). Intersections come from the scorer's sweep over mask runs.
     """
-    height, width = pred_labels.shape
-    pred_runs = label_map_runs(pred_labels)
+    height, width = label_map.shape
+    pred_runs = label_map_runs(label_map)
     truth_runs = [mask_runs(m, height, width) for m in truth_masks]
     n_pred = len(pred_runs)
     tp = np.zeros((n_pred, NUM_CLASSES), bool)

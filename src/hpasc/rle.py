@@ -196,23 +196,23 @@ def label_map_runs(label_map: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]
     return [(starts[order[bounds[i]:bounds[i + 1]]], ends[order[bounds[i]:bounds[i + 1]]]) for i in range(n)]
 
 
-def encode_label_map(labels: np.ndarray) -> dict[int, str]:
+def encode_label_map(label_map: np.ndarray) -> dict[int, str]:
     """Every cell id > 0 of a label map -> its competition encoding, ascending by id.
 
     Byte-identical to ``encode_mask(labels == i)`` for each id present; ids that do not occur are absent.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"expected a 2-D label map, got shape {labels.shape}")
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"expected an integer label map, got dtype {labels.dtype}")
-    if labels.size == 0:
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2:
+        raise ValueError(f"expected a 2-D label map, got shape {label_map.shape}")
+    if label_map.dtype.kind not in "iu":
+        raise ValueError(f"expected an integer label map, got dtype {label_map.dtype}")
+    if label_map.size == 0:
         return {}
-    if labels.dtype not in (np.int32, np.uint16, np.uint8):  # keep the numba specialisations few
-        if labels.min() < 0 or labels.max() > np.iinfo(np.int32).max:
+    if label_map.dtype not in (np.int32, np.uint16, np.uint8):  # keep the numba specialisations few
+        if label_map.min() < 0 or label_map.max() > np.iinfo(np.int32).max:
             raise ValueError("label map values must be in 0..2**31-1")
-        labels = labels.astype(np.int32)
-    starts, values = _label_runs(labels)
+        label_map = label_map.astype(np.int32)
+    starts, values = _label_runs(label_map)
     if values.min() < 0:
         raise ValueError(f"label map has negative ids (min {values.min()})")
     ids = None
@@ -220,7 +220,7 @@ def encode_label_map(labels: np.ndarray) -> dict[int, str]:
         ids, values = np.unique(values, return_inverse=True)
         if ids[0] != 0:
             ids, values = np.r_[0, ids], values + 1
-    cells, offsets, buf = _cell_count_strings(starts, values, labels.size, int(values.max()))
+    cells, offsets, buf = _cell_count_strings(starts, values, label_map.size, int(values.max()))
     if ids is not None:
         cells = ids[cells]
     return {

@@ -73,7 +73,7 @@ def prediction_string(
 
 
 def image_prediction_string(
-    labels: np.ndarray,
+    label_map: np.ndarray,
     probs: np.ndarray,
     cell_ids: np.ndarray | Sequence[int] | None = None,
     floor: float = 0.0,
@@ -84,7 +84,7 @@ def image_prediction_string(
     ``cell_ids`` defaults to the ids present in ``labels`` in ascending order (the row order of
     ``probs``).
     """
-    encodings = encode_label_map(labels)
+    encodings = encode_label_map(label_map)
     if cell_ids is None:
         cell_ids = np.fromiter(encodings, dtype=np.int64, count=len(encodings))
     return prediction_string(encodings, probs, cell_ids, floor=floor, digits=digits)

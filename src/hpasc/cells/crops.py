@@ -15,28 +15,28 @@ import numpy as np
 
 # --------------------------------------------------------------------------- boxes and crops
 
-def check_label_map(labels: np.ndarray, what: str = "label map") -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.dtype.kind not in "iu":
-        raise ValueError(f"{what}: expected a 2-D integer array, got {labels.dtype} {labels.shape}")
-    return labels
+def check_label_map(label_map: np.ndarray, what: str = "label map") -> np.ndarray:
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2 or label_map.dtype.kind not in "iu":
+        raise ValueError(f"{what}: expected a 2-D integer array, got {label_map.dtype} {label_map.shape}")
+    return label_map
 
 
 @numba.njit(cache=True, nogil=True)
-def _label_boxes(labels, n):  # pragma: no cover - numba
+def _label_boxes(label_map, n):  # pragma: no cover - numba
     """One pass over the label map: min/max row and column of every label 1..n.
 
     Plain per-label arrays instead of a row view per pixel: 2-3x faster on a 2048 px map. Rows are
     visited in order, so a label's last row is simply the current one.
     """
-    height, width = labels.shape
+    height, width = label_map.shape
     y0 = np.full(n + 1, height, np.int64)
     x0 = np.full(n + 1, width, np.int64)
     y1 = np.zeros(n + 1, np.int64)
     x1 = np.zeros(n + 1, np.int64)
     for y in range(height):
         for x in range(width):
-            lab = labels[y, x]
+            lab = label_map[y, x]
             if lab <= 0 or lab > n:
                 continue
             if y < y0[lab]:
@@ -56,13 +56,13 @@ def _label_boxes(labels, n):  # pragma: no cover - numba
     return boxes
 
 
-def cell_boxes(labels: np.ndarray) -> np.ndarray:
+def cell_boxes(label_map: np.ndarray) -> np.ndarray:
     """(n, 4) int64 boxes ``[y0, x0, y1, x1)`` of cells 1..n (row k = cell k+1; absent ids -> zeros)."""
-    labels = check_label_map(labels)
-    n = int(labels.max()) if labels.size else 0
+    label_map = check_label_map(label_map)
+    n = int(label_map.max()) if label_map.size else 0
     if n <= 0:
         return np.zeros((0, 4), dtype=np.int64)
-    return _label_boxes(labels, n)
+    return _label_boxes(label_map, n)
 
 
 def padded_window(box: np.ndarray, padding: float, height: int, width: int) -> tuple[int, int, int, int]:
@@ -84,7 +84,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _masked_window(pixels, labels, y0, x0, y1, x1, keep):  # pragma: no cover - numba
+def _masked_window(pixels, label_map, y0, x0, y1, x1, keep):  # pragma: no cover - numba
     """Copy of ``pixels[y0:y1, x0:x1]`` with the pixels of cells other than ``keep`` set to 0.
 
     ``pixels`` is the uint8 RGBY image viewed as one uint32 per pixel: one move per pixel.
@@ -92,7 +92,7 @@ def _masked_window(pixels, labels, y0, x0, y1, x1, keep):  # pragma: no cover - 
     out = np.empty((y1 - y0, x1 - x0), np.uint32)
     for y in range(y1 - y0):
         for x in range(x1 - x0):
-            lab = labels[y0 + y, x0 + x]
+            lab = label_map[y0 + y, x0 + x]
             out[y, x] = 0 if (lab != 0 and lab != keep) else pixels[y0 + y, x0 + x]
     return out
 
@@ -102,24 +102,24 @@ def _resize(region: np.ndarray, dsize: tuple[int, int]) -> np.ndarray:
     return cv2.resize(region, dsize, interpolation=interp)
 
 
-def _keep_neighbours(image, labels, window, cell_id, dsize):
+def _keep_neighbours(image, label_map, window, cell_id, dsize):
     y0, x0, y1, x1 = window
     return _resize(np.ascontiguousarray(image[y0:y1, x0:x1]), dsize)
 
 
-def _zero_neighbours(image, labels, window, cell_id, dsize):
+def _zero_neighbours(image, label_map, window, cell_id, dsize):
     # masked at full resolution, so no neighbour pixel leaks into the crop through interpolation
     pixels = image.view(np.uint32).reshape(image.shape[:2])
-    region = _masked_window(pixels, labels, *window, cell_id)
+    region = _masked_window(pixels, label_map, *window, cell_id)
     return _resize(region.view(np.uint8).reshape(region.shape + (4,)), dsize)
 
 
-def _blur_neighbours(image, labels, window, cell_id, dsize):
+def _blur_neighbours(image, label_map, window, cell_id, dsize):
     # blurred at crop resolution: the neighbour's texture (its protein pattern) is gone, its presence
     # still shows; blurring at full resolution would cost ~50x more for the same look
     y0, x0, y1, x1 = window
-    crop = _keep_neighbours(image, labels, window, cell_id, dsize)
-    small = cv2.resize(np.ascontiguousarray(labels[y0:y1, x0:x1], dtype=np.int32), dsize,
+    crop = _keep_neighbours(image, label_map, window, cell_id, dsize)
+    small = cv2.resize(np.ascontiguousarray(label_map[y0:y1, x0:x1], dtype=np.int32), dsize,
                        interpolation=cv2.INTER_NEAREST)
     others = (small != 0) & (small != cell_id)
     if others.any():
@@ -141,7 +141,7 @@ NEIGHBOUR_MODES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-def extract_crops(image: np.ndarray, labels: np.ndarray, size: int = 128, padding: float = 0.05,
+def extract_crops(image: np.ndarray, label_map: np.ndarray, size: int = 128, padding: float = 0.05,
                   neighbours: str = "zero") -> np.ndarray:
     """uint8 ``(n, size, size, 4)`` crops of cells 1..n (row k = cell k+1).
 
@@ -151,22 +151,22 @@ def extract_crops(image: np.ndarray, labels: np.ndarray, size: int = 128, paddin
     background pixels are always kept. An id without pixels gives an all-zero crop.
     """
     image = np.asarray(image)
-    labels = check_label_map(labels)
+    label_map = check_label_map(label_map)
     if image.ndim != 3 or image.shape[2] != 4:
         raise ValueError(f"image: expected H x W x 4, got shape {image.shape}")
-    if image.shape[:2] != labels.shape:
-        raise ValueError(f"label map shape {labels.shape} differs from image shape {image.shape[:2]}")
+    if image.shape[:2] != label_map.shape:
+        raise ValueError(f"label map shape {label_map.shape} differs from image shape {image.shape[:2]}")
     if neighbours not in NEIGHBOUR_MODES:
         raise ValueError(f"neighbours={neighbours!r}: expected one of {', '.join(NEIGHBOUR_MODES)}")
     if size < 1 or padding < 0:
         raise ValueError(f"size must be >= 1 and padding >= 0, got size={size}, padding={padding}")
     crop_fn = NEIGHBOUR_MODES[neighbours]
-    boxes = cell_boxes(labels)
+    boxes = cell_boxes(label_map)
     out = np.zeros((len(boxes), size, size, 4), dtype=np.uint8)
     if len(boxes) == 0:
         return out
     image8 = _to_uint8(image)
-    height, width = labels.shape
+    height, width = label_map.shape
     for k, box in enumerate(boxes):
         if box[2] <= box[0]:
             continue  # id without pixels
@@ -175,7 +175,7 @@ def extract_crops(image: np.ndarray, labels: np.ndarray, size: int = 128, paddin
         factor = size / max(rh, rw)
         nh, nw = max(1, min(size, round(rh * factor))), max(1, min(size, round(rw * factor)))
         oy, ox = (size - nh) // 2, (size - nw) // 2
-        out[k, oy:oy + nh, ox:ox + nw] = crop_fn(image8, labels, window, k + 1, (nw, nh))
+        out[k, oy:oy + nh, ox:ox + nw] = crop_fn(image8, label_map, window, k + 1, (nw, nh))
     return out
 
 

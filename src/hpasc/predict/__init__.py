@@ -65,7 +65,7 @@ from .ensemble import (
                        read_weights,
                        resolve_device,
 )
-from .image import Prepared, image_prediction_string, prepare_image
+from .image import Prepared, prepare_image
 from .kaggle import predict_kaggle
 from .runner import predict
 from .shards import (
@@ -80,6 +80,6 @@ from .shards import (
 
 __all__ = ["PROB_COLUMNS", "TTA_NAMES", "WEIGHTS_KEYS", "Budget", "ChunkOutput", "CropTensors", "Level", "Member",
            "PredictError", "Prepared", "apply_tta", "available_cpus", "cells_path", "cpu_threads", "crop_key",
-           "degradation_ladder", "expand_runs", "image_head_probs", "image_prediction_string", "inference_config",
+           "degradation_ladder", "expand_runs", "image_head_probs", "inference_config",
            "load_cell_probs", "load_ensemble", "merge", "parse_shard", "predict", "predict_chunk", "predict_kaggle",
            "prepare_image", "read_weights", "resolve_device", "shard_path", "write_validated"]

@@ -10,7 +10,6 @@ import numpy as np
 
 from ..confidence import combine
 from ..config import CellsConfig, InferenceConfig, SegmentationConfig
-from ..labels import NUM_CLASSES
 from ..submission import prediction_string
 from .chunks import crop_key
 
@@ -40,8 +39,8 @@ def _segment(image: np.ndarray, image_id: str, seg_cfg: SegmentationConfig, mask
     from ..segmentation.folder import mask_paths, write_masks
 
     if masks_dir is not None and mask_paths(masks_dir, image_id)[0].is_file():
-        cells, nuclei = read_masks(masks_dir, image_id)
-        return Segmentation(cells, nuclei, *cell_stats(cells))
+        label_map, nuclei = read_masks(masks_dir, image_id)
+        return Segmentation(label_map, nuclei, *cell_stats(label_map))
     seg = segment(image, seg_cfg)
     if masks_dir is not None:
         write_masks(masks_dir, image_id, seg)
@@ -68,12 +67,12 @@ def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cf
         t = clock()
         seg = _segment(image, image_id, seg_cfg, masks_dir)
         out.seconds["segment"] = clock() - t
-        cells = np.asarray(seg.cells)
-        if cells.shape != size:
-            out.error = f"segmentation has shape {cells.shape}, image {size}"
+        label_map = np.asarray(seg.cells)
+        if label_map.shape != size:
+            out.error = f"segmentation has shape {label_map.shape}, image {size}"
             return out
         t = clock()
-        out.encodings = encode_label_map(cells)
+        out.encodings = encode_label_map(label_map)
         out.seconds["encode"] = clock() - t
         if not out.encodings:
             out.error = "no cells found"
@@ -85,7 +84,7 @@ def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cf
         for cells_cfg in crop_cfgs:
             key = crop_key(cells_cfg)
             if key not in out.crops:
-                crops = extract_crops(image, cells, cells_cfg.size, cells_cfg.padding, cells_cfg.neighbours)
+                crops = extract_crops(image, label_map, cells_cfg.size, cells_cfg.padding, cells_cfg.neighbours)
                 out.crops[key] = crops[ids - 1]
         del image
         out.seconds["crop"] = clock() - t
@@ -95,24 +94,6 @@ def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cf
     except Exception as exc:  # noqa: BLE001 - one image must never stop the run
         out.error = f"{type(exc).__name__}: {exc}"
     return out
-
-
-def image_prediction_string(cells_label_map: np.ndarray, cell_probs: np.ndarray, infer_cfg: InferenceConfig,
-                            border: np.ndarray | None = None, rel_area: np.ndarray | None = None,
-                            image_probs: np.ndarray | None = None) -> str:
-    """One image's label map + cell probabilities -> its PredictionString.
-
-    Row ``k`` of ``cell_probs`` belongs to the k-th smallest cell id of the map (cell k+1 of a consecutive
-    map). The confidence recipe of ``infer_cfg`` is applied, classes under ``infer_cfg.floor`` dropped.
-    """
-    from ..rle import encode_label_map
-
-    encodings = encode_label_map(np.asarray(cells_label_map))
-    ids = np.array(sorted(encodings), np.int64)
-    probs = np.asarray(cell_probs, np.float32)
-    if probs.shape != (len(ids), NUM_CLASSES):
-        raise ValueError(f"cell_probs has shape {probs.shape}; the label map has {len(ids)} cells")
-    return _row(encodings, ids, probs, infer_cfg, border, rel_area, image_probs)
 
 
 def _row(encodings: dict[int, str], ids: np.ndarray, probs: np.ndarray, infer_cfg: InferenceConfig,
