@@ -43,8 +43,11 @@ def cpu_threads(device: str, workers: int):
 
 
 def crop_key(cells: CellsConfig) -> tuple:
-    """What changes the crop pixels (members sharing it share one extraction)."""
-    return (int(cells.size), float(cells.padding), str(cells.neighbours))
+    """What changes the crop pixels (members sharing it share one extraction): the crop cache's key
+    (``hpasc.cells.cache_key``) as a hashable tuple."""
+    from ..cells import cache_key
+
+    return tuple(sorted(cache_key(cells).items()))
 
 
 class CropTensors:
