@@ -122,12 +122,16 @@ def cell_auc(matched: MatchedCells) -> dict:
             "per_class_within": {str(c): v for c, v in within.items()}}
 
 
-def evaluate_cells(truth: os.PathLike | str | pd.DataFrame, submission: os.PathLike | str | pd.DataFrame) -> dict:
-    """``{"mAP", "oracle_mAP", "oracle_share", "matched_cells", "truth_cells", "cell_auc": {...}}``."""
+def evaluate_cells(truth: os.PathLike | str | pd.DataFrame, submission: os.PathLike | str | pd.DataFrame,
+                   mAP: float | None = None) -> dict:
+    """``{"mAP", "oracle_mAP", "oracle_share", "matched_cells", "truth_cells", "cell_auc": {...}}``.
+
+    ``mAP``: the submission's score when the caller has it already (else it is scored here, as
+    ``hpasc.metric.score`` does by default); the oracle is always scored here."""
     truth_df = _frame(truth, read_truth)
     sub = _frame(submission, read_submission)
     matched = match_cells(truth_df, sub)
-    result = score(truth_df, sub, progress=False).mAP
+    result = score(truth_df, sub, progress=False).mAP if mAP is None else mAP
     oracle_sub = sub.assign(PredictionString=[matched.oracle_rows.get(str(i), "") for i in sub.ID])
     oracle = score(truth_df, oracle_sub, progress=False).mAP
     return {"mAP": result, "oracle_mAP": oracle, "oracle_share": result / oracle if oracle > 0 else None,

@@ -199,27 +199,35 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 # --------------------------------------------------------------------------- value rules
 
-def _at_least(lo: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v >= lo), f">= {lo:g}"
+@dataclass(frozen=True)
+class _Rule:
+    """A test on a setting's value; on a list it tests each item unless ``whole`` (e.g. a length)."""
+
+    test: Callable[[Any], bool]
+    what: str
+    whole: bool = False
 
 
-def _above(lo: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v > lo), f"> {lo:g}"
+def _at_least(lo: float) -> _Rule:
+    return _Rule(lambda v: v >= lo, f">= {lo:g}")
 
 
-def _within(lo: float, hi: float, hi_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+def _above(lo: float) -> _Rule:
+    return _Rule(lambda v: v > lo, f"> {lo:g}")
+
+
+def _within(lo: float, hi: float, hi_open: bool = False) -> _Rule:
     if hi_open:
-        return (lambda v: lo <= v < hi), f"in [{lo:g}, {hi:g})"
-    return (lambda v: lo <= v <= hi), f"in [{lo:g}, {hi:g}]"
+        return _Rule(lambda v: lo <= v < hi, f"in [{lo:g}, {hi:g})")
+    return _Rule(lambda v: lo <= v <= hi, f"in [{lo:g}, {hi:g}]")
 
 
-def _length(n: int) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: len(v) == n), f"a list of {n} values"
+def _length(n: int) -> _Rule:
+    return _Rule(lambda v: len(v) == n, f"a list of {n} values", whole=True)
 
 
-# "<Section class>.<field>" -> (test, what it asks); None values (where allowed) are not tested.
-# Tuples are tested item by item unless the rule is a length.
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+# "<Section class>.<field>" -> its rule(s); None values (where allowed) are not tested.
+_RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "DataConfig.max_images": _at_least(1),
     "SegmentationConfig.scale": _within(0.01, 1.0),
     "SegmentationConfig.min_cell_area": _at_least(0),
@@ -231,7 +239,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "CellsConfig.balance_cap": _at_least(1),
     "CellsConfig.max_cells_per_image": _at_least(1),
     "CellsConfig.mean": _length(4),
-    "CellsConfig.std": _length(4),
+    "CellsConfig.std": (_length(4), _above(0)),
     "ModelConfig.embedding_dim": _at_least(1),
     "ModelConfig.dropout": _within(0, 1, hi_open=True),
     "ModelConfig.drop_path_rate": _within(0, 1, hi_open=True),
@@ -240,7 +248,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "LossConfig.triplet_margin": _at_least(0),
     "LossConfig.label_smoothing": _within(0, 0.5),
     "LossConfig.focal_gamma": _at_least(0),
-    "LossConfig.class_weights": _length(19),
+    "LossConfig.class_weights": (_length(19), _at_least(0)),
     "LossConfig.image_weight": _at_least(0),
     "TrainConfig.epochs": _at_least(1),
     "TrainConfig.batch_size": _at_least(1),
@@ -265,7 +273,6 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "InferenceConfig.floor": _within(0, 1),
     "InferenceConfig.vote_threshold": _within(0, 1),
 }
-_POSITIVE_ITEMS = {"CellsConfig.std": _above(0), "LossConfig.class_weights": _at_least(0)}
 
 # "<Section class>.<field>" -> "module:attribute" naming the registry (a mapping or a sequence of
 # names, or a function returning one) owned by the module that implements the choice. Imported only
@@ -306,17 +313,13 @@ def _check_value(key: str, value: Any, where: str) -> None:
         for item in value if isinstance(value, tuple) else (value,):
             if item not in known:
                 raise ConfigError(f"{where}: unknown choice {item!r}; choices: {' | '.join(known)}")
-    rule = _RULES.get(key)
-    if rule is not None:
-        test, what = rule
-        items = [value] if not isinstance(value, tuple) or what.startswith("a list") else list(value)
-        for item in items:
-            if not test(item):
-                raise ConfigError(f"{where}: {value!r} is not {what}")
-    if key in _POSITIVE_ITEMS:
-        test, what = _POSITIVE_ITEMS[key]
-        if not all(test(v) for v in value):
-            raise ConfigError(f"{where}: every value must be {what}, got {value!r}")
+    rules = _RULES.get(key, ())
+    for rule in rules if isinstance(rules, tuple) else (rules,):
+        if rule.whole or not isinstance(value, tuple):
+            if not rule.test(value):
+                raise ConfigError(f"{where}: {value!r} is not {rule.what}")
+        elif not all(rule.test(item) for item in value):
+            raise ConfigError(f"{where}: every value must be {rule.what}, got {value!r}")
 
 
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:

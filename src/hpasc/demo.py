@@ -168,7 +168,7 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
 
         truth = read_truth(truth_csv)
         result = score(truth, submission)
-        cells_eval = evaluate_cells(truth, submission)
+        cells_eval = evaluate_cells(truth, submission, result.mAP)
     with clock("baselines"):
         baselines = {}
         truth_labels = _truth_image_labels(truth)
@@ -203,7 +203,7 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
     write_text_atomic(work / "demo_result.json", json.dumps(out, indent=2))
     if verbose:
         print(summary(out))
-        print(format_cell_eval({**cells_eval, "mAP": result.mAP}))
+        print(format_cell_eval(cells_eval))
     return out
 
 

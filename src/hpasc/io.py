@@ -71,6 +71,13 @@ MAX_IMAGE_SIDE = 16384  # microscopes here give 1728-3072 px; a PNG claiming mor
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    """(height, width) from the first 24 bytes of a PNG (signature + IHDR), None if not a PNG."""
+    if len(head) < 24 or head[:8] != _PNG_MAGIC:
+        return None
+    return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+
+
 def _truncation(path: Path) -> str | None:
     """Why a PNG or JPEG file (recognised by its content, whatever its name) is cut off or too large to
     decode, or None.
@@ -81,17 +88,15 @@ def _truncation(path: Path) -> str | None:
     """
     size = path.stat().st_size
     with open(path, "rb") as fh:
-        first = fh.read(24)
-        head = first[:8]
+        head = fh.read(24)
         fh.seek(max(0, size - 32))
         tail = fh.read()
     if head.startswith(_JPEG_MAGIC) and b"\xff\xd9" not in tail:
         return "truncated JPEG (no end-of-image marker)"
-    if head == _PNG_MAGIC:
-        if len(first) == 24:
-            width, height = int.from_bytes(first[16:20], "big"), int.from_bytes(first[20:24], "big")
-            if max(width, height) > MAX_IMAGE_SIDE:
-                return f"PNG claims {width}x{height} px, more than {MAX_IMAGE_SIDE} px a side"
+    if head[:8] == _PNG_MAGIC:
+        shape = _png_size(head)
+        if shape is not None and max(shape) > MAX_IMAGE_SIDE:
+            return f"PNG claims {shape[1]}x{shape[0]} px, more than {MAX_IMAGE_SIDE} px a side"
         if b"IEND" not in tail:
             return "truncated PNG (no IEND chunk)"
     return None
@@ -150,12 +155,10 @@ def image_size(folder: os.PathLike | str, image_id: str) -> tuple[int, int]:
     path = channel_path(folder, image_id, "red")
     if path.suffix.lower() == ".png":
         with open(path, "rb") as fh:
-            head = fh.read(24)
-        if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n":
-            width = int.from_bytes(head[16:20], "big")
-            height = int.from_bytes(head[20:24], "big")
-            return height, width
-        raise ImageReadError(path, "not a PNG file")
+            shape = _png_size(fh.read(24))
+        if shape is None:
+            raise ImageReadError(path, "not a PNG file")
+        return shape
     return read_channel(path).shape
 
 

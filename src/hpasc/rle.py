@@ -319,9 +319,9 @@ def counts_bytes(encoded: str | bytes, max_bytes: int | None = None) -> bytes:
         if not inflater.eof:
             raise MaskDecodeError("not a base64 zlib mask string (incomplete zlib stream)")
         return out
+    except MaskDecodeError:
+        raise
     except (binascii.Error, ValueError, zlib.error) as exc:
-        if isinstance(exc, MaskDecodeError):
-            raise
         raise MaskDecodeError(f"not a base64 zlib mask string ({exc})") from None
 
 

@@ -32,7 +32,7 @@ def _score(args: argparse.Namespace) -> int:
     if args.cells and not args.json:
         from ..cell_eval import evaluate_cells, format_cell_eval
 
-        print(format_cell_eval(evaluate_cells(args.truth, args.submission)))
+        print(format_cell_eval(evaluate_cells(args.truth, args.submission, result.mAP)))
     return 0
 
 

@@ -19,7 +19,6 @@ from ..config import Config
 from ..fsutil import read_csv
 from ..labels import LabelError, multihot_matrix, parse_label
 from ..paths import data_root, is_plain_id
-from ..runs import resolve_data_file
 
 
 class TrainDataError(ValueError):
@@ -49,9 +48,9 @@ def read_folds(cfg: Config) -> pd.DataFrame:
     from ..folds import make_folds
 
     root = data_root(cfg.data.root)
-    folds_path = resolve_data_file(cfg, cfg.data.folds_csv)
+    folds_path = runs.resolve_data_file(cfg, cfg.data.folds_csv)
     if folds_path is None:
-        train_csv = resolve_data_file(cfg, cfg.data.train_csv)
+        train_csv = runs.resolve_data_file(cfg, cfg.data.train_csv)
         if train_csv is None:
             raise TrainDataError(f"neither folds ({cfg.data.folds_csv}) nor train csv ({cfg.data.train_csv}) "
                                  f"found under {root} or the working directory")

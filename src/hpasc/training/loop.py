@@ -73,7 +73,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 log = logging.getLogger(__name__)
 
-SELECT_METRICS = ("auto", "comp_map", "map", "auc")
+SELECT_METRICS = ("auto", "comp_map", "map", "auc")  # train.select_metric (checked when a config loads)
 # sections a resumed run may not change: they define the weights' shapes and what the weights have seen
 FROZEN_ON_RESUME = ("model", "cells", "segmentation")
 
@@ -111,7 +111,7 @@ def sweep_stale_temporaries(run_dir: Path) -> None:
     """Remove the ``.NAME.*.tmp`` files a killed atomic write leaves behind."""
     for tmp in run_dir.glob(".*.tmp"):
         if tmp.is_file():
-            tmp.unlink(missing_ok=True)  # train.select_metric (checked when a config loads)
+            tmp.unlink(missing_ok=True)
 
 
 def select_metric_name(cfg: Config, has_truth: bool) -> str:
