@@ -17,9 +17,11 @@ def test_demo_runs_end_to_end_and_beats_the_image_level_baselines(tmp_path, one_
     # the contract: mAP, submission, truth, baselines {name: mAP}; runs left in DIR/runs
     assert {"mAP", "submission", "truth", "baselines"} <= set(result)
     assert set(result["baselines"]) == {"image_truth", "image_model"}
-    assert sorted(p.name for p in (work / "runs" / "tiny").iterdir()) == ["fold0", "fold1"]
-    for fold in ("fold0", "fold1"):
-        run = work / "runs" / "tiny" / fold
+    # three folds, then one pseudo-label round of them; the last round predicts the test images
+    tiny = work / "runs" / "tiny"
+    assert sorted(p.name for p in tiny.iterdir()) == ["fold0", "fold1", "fold2", "round1"]
+    assert result["runs"] == [str(tiny / "round1" / f"fold{k}") for k in range(3)]
+    for run in [tiny / f"fold{k}" for k in range(3)] + [tiny / "round1" / f"fold{k}" for k in range(3)]:
         assert {"config.yaml", "best.pt", "last.pt", "log.csv", "oof.csv", "curves.png"} <= {
             p.name for p in run.iterdir()}
     # the submission is valid, covers the sample's IDs, and the reported mAP is its score

@@ -3,6 +3,7 @@
 key and the choices; a resume that cannot work fails before it touches the run folder."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -22,8 +23,9 @@ from hpasc.config import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SECTION_OF = {"SegmentationConfig": "segmentation", "CellsConfig": "cells", "TrainConfig": "train",
-              "InferenceConfig": "inference"}
+# section class name -> its key in a config file, from the Config dataclass itself
+SECTION_OF = {type(getattr(Config(), f.name)).__name__: f.name for f in dataclasses.fields(Config)
+              if dataclasses.is_dataclass(getattr(Config(), f.name))}
 
 
 def _dotted(key: str) -> str:

@@ -45,6 +45,15 @@ def test_apply_tta_geometry():
     assert torch.equal(y[0, 0], torch.rot90(x[0, 0]))
     assert torch.equal(P.apply_tta(P.apply_tta(x, "rot90"), "rot270"), x)
     assert torch.equal(P.apply_tta(x, "rot180"), torch.flip(x, dims=(2, 3)))
+    # a 3 x 3 grid 0..8: the diagonal mirror swaps 1 and 3, the anti-diagonal one 0 and 8
+    grid = torch.arange(9.0).reshape(1, 1, 3, 3)
+    assert P.apply_tta(grid, "transpose").flatten().tolist() == [0, 3, 6, 1, 4, 7, 2, 5, 8]
+    assert P.apply_tta(grid, "transverse").flatten().tolist() == [8, 5, 2, 7, 4, 1, 6, 3, 0]
+    # D4: eight distinct views of an asymmetric crop, each an isometry (the set of values kept)
+    from hpasc.tta import D4
+
+    views = {tuple(P.apply_tta(grid, name).flatten().tolist()) for name in D4}
+    assert len(views) == 8 and all(sorted(v) == list(range(9)) for v in views)
     with pytest.raises(ValueError, match="TTA"):
         P.apply_tta(x, "zoom")
 

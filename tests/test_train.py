@@ -387,6 +387,10 @@ def test_cli_trains_a_fold_of_synthetic_data_end_to_end(synth_small, tmp_path):
     assert set(oof.ID) == val_ids  # every validation image, all of its cells
     cells = pd.read_csv(next((tmp_path / "cells").glob("*/cells.csv")))
     assert len(oof) == int(cells.ID.isin(val_ids).sum())
+    # the tiny config has one pseudo-label round: it learned from round 0's out-of-fold cells
+    round1 = tmp_path / "runs" / "tiny" / "round1" / "fold1"
+    assert len(pd.read_csv(round1 / "log.csv")) == 2 and set(pd.read_csv(round1 / "oof.csv").ID) == val_ids
+    assert main(args + ["--round", "3"]) == 2  # the config has rounds 0..1
     assert main(args + ["--resume"]) == 0  # finished: nothing to do, still fine
     assert main(["train", str(REPO / "configs" / "tiny.yaml"), "model.pretrained=/nope.pth",
                  f"data.root={synth_small}", f"data.folds_csv={tmp_path / 'folds.csv'}",

@@ -75,6 +75,9 @@ class ModelConfig:
     dropout: float = 0.2
     image_head: bool = False  # extra image-level head over the cells of an image
     drop_path_rate: float = 0.0  # stochastic depth of the timm backbone
+    # extra keyword arguments of timm.create_model, e.g. {channels: [32, 64, 128, 256], stem_width: 16}
+    # for a half-width ResNet (CPU budgets); the keys hpasc sets itself are refused (hpasc.models)
+    timm_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,17 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PseudoConfig:
+    """Pseudo-label rounds (``hpasc.training.pseudo``): round r trains on round r-1's out-of-fold cells."""
+
+    rounds: int = 0  # rounds after round 0; run folders <out_dir>/<name>/round<r>/fold<k>/
+    scale: str = "image_max"  # image_max | raw: out-of-fold probabilities scaled within each image
+    power: float = 1.0  # sharpening exponent of the scaled probabilities
+    negative: bool = True  # per-cell Negative target (1 - the cell's largest image-label target)
+    weight: float = 1.0  # target = weight * pseudo + (1 - weight) * image labels
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     recipe: str = "cell_x_image"  # see hpasc.confidence
     alpha: float = 0.5  # exponent of the image-level probability
@@ -138,6 +152,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
 
@@ -170,6 +185,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_tp, *_rest) = typing.get_args(tp)
         return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where}: expected a mapping with text keys, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -266,6 +285,9 @@ _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "TrainConfig.checkpoint_every": _at_least(1),
     "TrainConfig.val_batch_size": _at_least(1),
     "TrainConfig.threads": _at_least(1),
+    "PseudoConfig.rounds": _within(0, 20),
+    "PseudoConfig.power": _above(0),
+    "PseudoConfig.weight": _within(0, 1),
     "InferenceConfig.alpha": _at_least(0),
     "InferenceConfig.topk": _at_least(1),
     "InferenceConfig.border_weight": _within(0, 1),
@@ -283,6 +305,7 @@ CHOICES: dict[str, str] = {
     "CellsConfig.selection": "hpasc.data:SELECTIONS",
     "CellsConfig.augment": "hpasc.data:AUGMENTATIONS",
     "TrainConfig.select_metric": "hpasc.training.loop:SELECT_METRICS",
+    "PseudoConfig.scale": "hpasc.training.pseudo:PSEUDO_SCALES",
     "InferenceConfig.recipe": "hpasc.confidence:RECIPES",
     "InferenceConfig.image_agg": "hpasc.confidence:IMAGE_AGGREGATIONS",
     "InferenceConfig.negative": "hpasc.confidence:NEGATIVE_MODES",

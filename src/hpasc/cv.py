@@ -63,7 +63,7 @@ def group_runs(run_dirs: Sequence[str | Path]) -> list[RunGroup]:
     such runs (every run below it with an ``oof.csv`` is taken; ``hpasc.runs.find_runs``)."""
     groups: dict[str, dict[int, Path]] = {}
     for fold_dir in runs.find_runs(run_dirs, need=(runs.OOF_FILE,), error=CVError):
-        name = fold_dir.parent.name
+        name = runs.group_name(fold_dir)
         folds = groups.setdefault(name, {})
         k = fold_of(fold_dir)
         if k in folds and folds[k].resolve() != fold_dir.resolve():
@@ -235,6 +235,8 @@ class CVResult:
     comp_map: float | None = None
     comp_per_class_ap: list[float | None] | None = None
     alpha: float | None = None
+    oracle_map: float | None = None  # the OOF cells given their true labels (the segmentation's ceiling)
+    cell_auc: dict | None = None  # hpasc.cell_eval.cell_auc of the confidences on the matched cells
     folds: dict[int, dict[str, float | None]] = field(default_factory=dict)
     members: dict[str, dict[str, float | None]] = field(default_factory=dict)  # each run alone (if several)
 
@@ -264,6 +266,11 @@ class CVResult:
         if self.comp_map is not None:
             overall += f"  competition mAP {self.comp_map:.4f} (alpha {self.alpha:g})"
         lines.append(overall)
+        if self.cell_auc is not None:
+            worst = self.cell_auc["worst"]
+            lines.append(f"cells: oracle mAP {fmt(self.oracle_map, 0)}  cell AUC within images "
+                         f"{fmt(self.cell_auc['within'], 0)}  pooled {fmt(self.cell_auc['mean'], 0)}"
+                         + (f"  worst {CLASS_NAMES[worst['class']]} {worst['auc']:.4f}" if worst else ""))
         return "\n".join(lines)
 
 
@@ -295,6 +302,7 @@ def evaluate(data: CVData, weights: Sequence[float] | None = None, alpha: float 
         conf = data.confidences(probs, result.alpha)
         cmap, cap = fast_map(conf, data.truth, floor=data.infer_cfg.floor)
         result.comp_map, result.comp_per_class_ap = cmap, _nan_to_none(cap)
+        result.oracle_map, result.cell_auc = cell_level(data, conf)
     for k in data.folds:
         rows, images = data.fold_masks(k)
         fold_scores: dict[str, float | None] = {"proxy_map": proxy_scores(data.targets[rows], probs[rows])[0]}
@@ -306,12 +314,28 @@ def evaluate(data: CVData, weights: Sequence[float] | None = None, alpha: float 
     return result
 
 
+def cell_level(data: CVData, conf: np.ndarray) -> tuple[float, dict]:
+    """(oracle mAP, cell AUCs) of OOF confidences against the truth: a cell is positive for the classes
+    of the truth cell it matches (IoU >= 0.6, ``CompetitionTruth.tp``); unmatched cells are left out of
+    the AUCs, as ``hpasc.cell_eval`` leaves out unmatched truth cells."""
+    from .cell_eval import MatchedCells, cell_auc
+
+    tp = data.truth.tp
+    oracle = fast_map(tp.astype(np.float32), data.truth)[0]
+    rows = tp.any(axis=1)
+    matched = MatchedCells(data.keys["ID"].to_numpy()[rows].tolist(), tp[rows].astype(np.float64),
+                           np.asarray(conf, np.float64)[rows], int(rows.sum()), {})
+    return oracle, cell_auc(matched)
+
+
 def _overall(data: CVData, weights: np.ndarray, alpha: float | None) -> dict[str, float | None]:
     """Overall proxy mAP and competition mAP of one weighting."""
     probs = data.blend(weights)
     out = {"proxy_map": proxy_scores(data.targets, probs)[0]}
     if data.truth is not None:
-        out["comp_map"] = fast_map(data.confidences(probs, alpha), data.truth, floor=data.infer_cfg.floor)[0]
+        conf = data.confidences(probs, alpha)
+        out["comp_map"] = fast_map(conf, data.truth, floor=data.infer_cfg.floor)[0]
+        out["cell_auc_within"] = cell_level(data, conf)[1]["within"]
     return {name: _nan_to_none([v])[0] for name, v in out.items()}
 
 

@@ -59,9 +59,20 @@ def _select_all(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return sub.index.to_numpy(np.int64), _targets(sub["Label"])
 
 
+def _select_truth(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The learner's ceiling (worlds with cell truth only): every cell that matches a truth cell, with
+    that cell's true labels (column ``truth_label``, ``hpasc.cells.truth``); unmatched cells are left out."""
+    if "truth_label" not in table:
+        raise ValueError("selection 'truth' needs the cells' true labels: set data.truth_csv to the "
+                         "cell-level truth of the training images (synthetic worlds)")
+    sub = table[table["truth_label"].notna()]
+    return sub.index.to_numpy(np.int64), _targets(sub["truth_label"])
+
+
 SELECTIONS: dict[str, Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]] = {
     "single_label": _select_single_label,
     "all": _select_all,
+    "truth": _select_truth,
 }
 
 

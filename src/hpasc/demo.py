@@ -103,10 +103,13 @@ def baseline_rows(masks_dir: Path, image_probs: dict[str, np.ndarray]) -> dict[s
     return rows
 
 
-def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 512, seed: int = 0,
-             folds: tuple[int, ...] = (0, 1), n_folds: int = 4, config_path: str | Path | None = None,
+def run_demo(work: str | Path, n_train: int = 192, n_test: int = 48, size: int = 512, seed: int = 0,
+             folds: tuple[int, ...] | None = None, n_folds: int = 3, config_path: str | Path | None = None,
              overrides: tuple[str, ...] = (), verbose: bool = True, data_dir: str | Path | None = None) -> dict:
     """Run the whole pipeline in ``work``; returns (and writes) ``demo_result.json``.
+
+    Every fold of ``n_folds`` is trained (``folds`` chooses some), round after round when the config
+    has pseudo-label rounds; the test images are predicted by the folds of the last round.
 
     Without ``data_dir`` the data is a synthetic world made in ``work/data``; with it, the
     competition-layout folder is used as it is (nothing is written into it), scored and cell-evaluated
@@ -116,6 +119,7 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
     from .fsutil import read_csv
     from .metric import read_truth, score
     from .predict import predict
+    from .predict.chunks import available_cpus
     from .segmentation import segment_folder
     from .submission import validate_submission, write_submission
     from .synthetic import synthesize
@@ -124,10 +128,11 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     clock = StageClock(verbose=verbose)
+    workers = min(available_cpus(), 4)  # synthesis and segmentation are per image: one process per core
     if data_dir is None:
         data = work / "data"
         with clock("synthesise"):
-            synthesize(data, n_train=n_train, n_test=n_test, size=size, seed=seed)
+            synthesize(data, n_train=n_train, n_test=n_test, size=size, seed=seed, workers=workers)
     else:
         data = Path(data_dir).resolve()
         check_data_layout(data)
@@ -139,15 +144,18 @@ def run_demo(work: str | Path, n_train: int = 64, n_test: int = 32, size: int = 
         folds_df = make_folds(train_df, n_folds=n_folds, seed=seed, source=str(data / "train.csv"))
         folds_df.to_csv(runs.folds_file(work), index=False)
     cfg = demo_config(work, Path(config_path) if config_path else None, overrides, data)
+    folds = tuple(range(n_folds)) if folds is None else tuple(folds)
     cfg = replace(cfg, **{"train.folds": list(folds)})
     save_config(cfg, work / "demo_config.yaml")
     with clock("segment"):
-        segment_folder(data / "train", runs.masks_dir(work, "train"), cfg.segmentation)
-        segment_folder(data / "test", test_masks, cfg.segmentation, overlay=True)
-    run_dirs = []
-    for fold in folds:
-        with clock(f"train fold {fold}"):
-            run_dirs.append(train_fold(cfg, fold))
+        segment_folder(data / "train", runs.masks_dir(work, "train"), cfg.segmentation, workers=workers)
+        segment_folder(data / "test", test_masks, cfg.segmentation, overlay=True, workers=workers)
+    run_dirs: list[Path] = []
+    for round_ in range(cfg.pseudo.rounds + 1):
+        run_dirs = []
+        for fold in folds:
+            with clock(f"train round {round_} fold {fold}" if cfg.pseudo.rounds else f"train fold {fold}"):
+                run_dirs.append(train_fold(cfg, fold, round_=round_))
     submission = work / "submission.csv"
     with clock("predict"):
         predict(run_dirs, data / "test", sample, submission, masks_dir=test_masks, seg_cfg=cfg.segmentation)

@@ -106,6 +106,10 @@ def _create_backbone(cfg: ModelConfig, pretrained_file: Path | None) -> nn.Modul
     import timm
 
     kwargs = {"in_chans": IN_CHANS, "num_classes": 0, "global_pool": "avg"}
+    reserved = sorted(set(cfg.timm_args) & (set(kwargs) | {"pretrained", "pretrained_cfg_overlay", "drop_path_rate"}))
+    if reserved:
+        raise ModelError(f"model.timm_args: {', '.join(reserved)} set by hpasc itself (use the model.* settings)")
+    kwargs.update(cfg.timm_args)
     if cfg.drop_path_rate > 0:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     if pretrained_file is not None:
@@ -121,6 +125,10 @@ def _create_backbone(cfg: ModelConfig, pretrained_file: Path | None) -> nn.Modul
         if pretrained_file is not None:
             raise ModelError(f"{pretrained_file}: cannot load into {cfg.name} ({exc})") from exc
         raise
+    except TypeError as exc:  # a keyword the architecture does not take
+        if not cfg.timm_args:
+            raise
+        raise ModelError(f"model.timm_args {cfg.timm_args}: not accepted by {cfg.name} ({exc})") from None
 
 
 def build_model(model_cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> CellClassifier:

@@ -240,18 +240,23 @@ def _fmt(v: float | None) -> str:
 def class_table(result: CVResult, positives: np.ndarray) -> str:
     """HTML table: id, name, cells with the class among their image labels, proxy AP/AUC, competition AP."""
     comp = result.comp_per_class_ap is not None
+    auc = result.cell_auc
     head = "<tr><th>id</th><th class=name>class</th><th>cells (image label)</th><th>proxy AP</th>" \
-           "<th>proxy AUC</th>" + ("<th>competition AP</th>" if comp else "") + "</tr>"
+           "<th>proxy AUC</th>" + ("<th>competition AP</th>" if comp else "") \
+           + ("<th>cell AUC within images</th><th>cell AUC pooled</th>" if auc else "") + "</tr>"
     rows = []
     for c, name in enumerate(CLASS_NAMES):
         cells = f"<td>{c}</td><td class=name>{html.escape(name)}</td><td>{int(positives[c])}</td>" \
                 f"<td>{_fmt(result.per_class_ap[c])}</td><td>{_fmt(result.per_class_auc[c])}</td>"
         if comp:
             cells += f"<td>{_fmt(result.comp_per_class_ap[c])}</td>"
+        if auc:
+            cells += f"<td>{_fmt(auc['per_class_within'][str(c)])}</td><td>{_fmt(auc['per_class'][str(c)])}</td>"
         rows.append(f"<tr>{cells}</tr>")
     total = f"<tr><th></th><th class=name>mean (all cells)</th><th>{result.n_cells}</th>" \
             f"<th>{_fmt(result.proxy_map)}</th>" \
-            f"<th>{_fmt(result.proxy_auc)}</th>" + (f"<th>{_fmt(result.comp_map)}</th>" if comp else "") + "</tr>"
+            f"<th>{_fmt(result.proxy_auc)}</th>" + (f"<th>{_fmt(result.comp_map)}</th>" if comp else "") \
+            + (f"<th>{_fmt(auc['within'])}</th><th>{_fmt(auc['mean'])}</th>" if auc else "") + "</tr>"
     return f"<table>{head}{''.join(rows)}{total}</table>"
 
 
@@ -298,8 +303,8 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
 
 def _ap_section(result: CVResult, data: CVData, out: Path) -> str:
     plot_ap_bars(result, out / "ap_bars.png")
-    comp = (f"; competition mAP {_fmt(result.comp_map)} (alpha {result.alpha:g})"
-            if result.comp_map is not None else "")
+    comp = (f"; competition mAP {_fmt(result.comp_map)} (alpha {result.alpha:g}) of the oracle's "
+            f"{_fmt(result.oracle_map)} (these masks with their true labels)" if result.comp_map is not None else "")
     return (f"<h1>hpasc report</h1><p>runs: {html.escape(', '.join(result.runs))} — {result.n_images} "
             f"out-of-fold images, {result.n_cells} cells. Proxy mAP {_fmt(result.proxy_map)}, "
             f"AUC {_fmt(result.proxy_auc)}{comp}.</p>"

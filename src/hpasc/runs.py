@@ -39,6 +39,7 @@ CURVES_FILE = "curves.png"
 PROB_COLUMNS: tuple[str, ...] = tuple(f"p{c}" for c in range(NUM_CLASSES))
 OOF_COLUMNS: tuple[str, ...] = ("ID", "cell_id", *PROB_COLUMNS)
 _FOLD_RE = re.compile(r"fold(\d+)$")
+_ROUND_RE = re.compile(r"round(\d+)$")
 
 
 class RunFolderError(ValueError):
@@ -61,6 +62,19 @@ def fold_of(path: os.PathLike | str, error: type[Exception] = RunFolderError) ->
     if not match:
         raise error(f"{path}: a fold run folder must be named fold<k>")
     return int(match.group(1))
+
+
+def round_of(path: os.PathLike | str) -> int:
+    """``.../round2/fold3`` -> 2; a fold folder directly under its config folder is round 0."""
+    match = _ROUND_RE.search(Path(path).parent.name)
+    return int(match.group(1)) if match else 0
+
+
+def group_name(path: os.PathLike | str) -> str:
+    """The ensemble member a fold run belongs to: ``<config>``, or ``<config>/round<r>`` in a
+    pseudo-label round (rounds of one config are compared, not mixed)."""
+    parent = Path(path).parent
+    return f"{parent.parent.name}/{parent.name}" if _ROUND_RE.search(parent.name) else parent.name
 
 
 def is_run(path: os.PathLike | str, need: Sequence[str] = ()) -> bool:

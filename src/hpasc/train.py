@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import runs
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .training.distributed import DistInfo, barrier, cleanup, init_distributed
 from .training.fold_data import FoldData, fold_data, prepare_cells
 from .training.loop import Trainer
@@ -28,9 +28,9 @@ from .training.loop import Trainer
 __all__ = ["run_dir", "train_fold", "train_folds", "train_on", "run_training", "FoldData"]
 
 
-def run_dir(cfg: Config, fold: int) -> Path:
-    """``<train.out_dir>/<name>/fold<k>`` (``hpasc.runs.run_dir``)."""
-    return runs.run_dir(cfg, fold)
+def run_dir(cfg: Config, fold: int, round_: int = 0) -> Path:
+    """``<train.out_dir>/<name>/fold<k>``; ``.../round<r>/fold<k>`` for pseudo-label round r >= 1."""
+    return runs.run_dir(cfg, fold, round_ if round_ > 0 else None)
 
 
 def train_on(cfg: Config, data: FoldData, out: Path, resume: bool = False, info: DistInfo | None = None,
@@ -40,8 +40,9 @@ def train_on(cfg: Config, data: FoldData, out: Path, resume: bool = False, info:
     return Trainer(cfg, data, out, info).fit(resume=resume, stop_after_steps=stop_after_steps)
 
 
-def train_fold(cfg: Config, fold: int, resume: bool = False, stop_after_steps: int | None = None) -> Path:
-    """Train fold ``fold`` of ``cfg``; returns the run folder.
+def train_fold(cfg: Config, fold: int, resume: bool = False, stop_after_steps: int | None = None,
+               round_: int = 0) -> Path:
+    """Train fold ``fold`` of ``cfg`` (in pseudo-label round ``round_``); returns the run folder.
 
     Segments the training images into ``<data.work_dir>/masks/train`` and builds the cell cache when
     they are missing (rank 0 only; the other ranks wait). ``resume`` continues from ``last.pt`` (also
@@ -53,21 +54,32 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, stop_after_steps: i
     barrier(info)
     if not info.is_main:
         cache, images_dir, masks_dir = prepare_cells(cfg, build=False)
-    data = fold_data(cfg, fold, cache, images_dir, masks_dir)
-    return train_on(cfg, data, run_dir(cfg, fold), resume, info, stop_after_steps)
+    data = fold_data(cfg, fold, cache, images_dir, masks_dir, round_)
+    return train_on(cfg, data, run_dir(cfg, fold, round_), resume, info, stop_after_steps)
 
 
-def train_folds(cfg: Config, folds: str | Sequence[int] = "all", resume: bool = False) -> list[Path]:
-    """Train several folds one after the other (``"all"`` -> ``cfg.train.folds``)."""
+def train_folds(cfg: Config, folds: str | Sequence[int] = "all", resume: bool = False,
+                rounds: Sequence[int] | None = None) -> list[Path]:
+    """Train several folds one after the other (``"all"`` -> ``cfg.train.folds``), round by round:
+    ``rounds`` (default every round, 0 .. ``pseudo.rounds``); returns the folders of the last round."""
     chosen = list(cfg.train.folds) if folds == "all" else [int(k) for k in folds]
+    todo = list(range(cfg.pseudo.rounds + 1)) if rounds is None else [int(r) for r in rounds]
+    bad = [r for r in todo if not 0 <= r <= cfg.pseudo.rounds]
+    if bad:
+        raise ConfigError(f"{cfg.name}: round {bad[0]}: this config has rounds 0..{cfg.pseudo.rounds} "
+                          "(pseudo.rounds)")
     info = init_distributed(cfg.train.device)
     try:
-        return [train_fold(cfg, k, resume=resume) for k in chosen]
+        out: list[Path] = []
+        for r in todo:
+            out = [train_fold(cfg, k, resume=resume, round_=r) for k in chosen]
+        return out
     finally:
         cleanup(info)
 
 
 def run_training(config: str | Path, folds: str | Sequence[int] = "all", resume: bool = False,
-                 overrides: Sequence[str] = ()) -> list[Path]:
-    """``hpasc train``: load the YAML config with ``key=value`` overrides and train the folds."""
-    return train_folds(load_config(config, tuple(overrides)), folds, resume=resume)
+                 overrides: Sequence[str] = (), rounds: Sequence[int] | None = None) -> list[Path]:
+    """``hpasc train``: load the YAML config with ``key=value`` overrides and train the folds (every
+    pseudo-label round unless ``rounds`` names some)."""
+    return train_folds(load_config(config, tuple(overrides)), folds, resume=resume, rounds=rounds)

@@ -14,6 +14,7 @@ from ..config import (
     read_yaml_mapping,
 )
 from ..config import replace as replace_config
+from ..runs import group_name
 
 WEIGHTS_KEYS = ("runs", "alpha", "inference")
 
@@ -72,7 +73,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, A
 def _member_weights(runs: list[Path], weights: dict[str, float] | None, source: str) -> list[float]:
     """Per-run weight: a config's weight is shared by its folds; a "<config>/fold<k>" entry is the
     fold's own. Without a weights file, every config weighs 1."""
-    groups = [r.parent.name for r in runs]
+    groups = [group_name(r) for r in runs]
     out = []
     for run, group in zip(runs, groups):
         n_folds = groups.count(group)
@@ -115,7 +116,8 @@ def load_ensemble(run_dirs: Iterable[str | os.PathLike], weights: str | os.PathL
             continue
         cfg, model = load_run(run, device=device)
         model = model.to(memory_format=torch.channels_last)  # ~1.6x faster convs on CPU, tensor cores on GPU
-        members.append(Member(f"{run.parent.name}/{run.name}", run.parent.name, run, cfg, model, w / total))
+        group = group_name(run)
+        members.append(Member(f"{group}/{run.name}", group, run, cfg, model, w / total))
     return members, overrides
 
 

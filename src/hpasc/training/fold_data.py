@@ -122,11 +122,30 @@ def prepare_cells(cfg: Config, build: bool = True):
     return cache, images_dir, masks_dir
 
 
-def fold_data(cfg: Config, fold: int, cache, images_dir: Path, masks_dir: Path) -> FoldData:
-    """Split a loaded cell cache into fold ``fold``'s training selection and validation cells."""
+def with_truth_labels(cfg: Config, table: pd.DataFrame, masks_dir: Path) -> pd.DataFrame:
+    """The cell table with ``truth_label`` (``hpasc.cells.truth``) from ``data.truth_csv``; the crop rows
+    (the table's index) are kept."""
+    from ..cells.truth import truth_cell_labels
+
+    truth_csv = runs.resolve_data_file(cfg, cfg.data.truth_csv)
+    if truth_csv is None:
+        raise TrainDataError(f"cells.selection: truth needs data.truth_csv (cell-level truth of the training "
+                             f"images), got {cfg.data.truth_csv!r}")
+    ids = list(dict.fromkeys(table["ID"].astype(str)))
+    matched = truth_cell_labels(truth_csv, masks_dir, ids).set_index(["ID", "cell_id"])["truth_label"]
+    keys = pd.MultiIndex.from_arrays([table["ID"].astype(str), table["cell_id"].astype(np.int64)])
+    return table.assign(truth_label=matched.reindex(keys).to_numpy())
+
+
+def fold_data(cfg: Config, fold: int, cache, images_dir: Path, masks_dir: Path, round_: int = 0) -> FoldData:
+    """Split a loaded cell cache into fold ``fold``'s training selection and validation cells; in a
+    pseudo-label round (``round_`` >= 1) the training targets come from the round before
+    (``hpasc.training.pseudo``)."""
     from ..data import select_cells
 
     table = cache.table
+    if cfg.cells.selection == "truth":
+        table = with_truth_labels(cfg, table, masks_dir)
     if "fold" not in table:
         raise TrainDataError(f"{cache.root}: the cell table has no fold column (labels not stored)")
     labelled = table[table["fold"].notna()]
@@ -138,6 +157,10 @@ def fold_data(cfg: Config, fold: int, cache, images_dir: Path, masks_dir: Path) 
                                              seed=cfg.train.seed)
     if len(train_rows) == 0:
         raise TrainDataError(f"fold {fold}: the selection {cfg.cells.selection!r} left no training cells")
+    if round_ > 0:
+        from .pseudo import round_targets
+
+        train_targets = round_targets(cfg, round_, table, np.asarray(train_rows), train_targets).targets
     val = labelled[fold_col == fold]
     return FoldData(
         crops=cache.crops, table=table, train_rows=np.asarray(train_rows, np.int64),

@@ -75,7 +75,7 @@ log = logging.getLogger(__name__)
 
 SELECT_METRICS = ("auto", "comp_map", "map", "auc")  # train.select_metric (checked when a config loads)
 # sections a resumed run may not change: they define the weights' shapes and what the weights have seen
-FROZEN_ON_RESUME = ("model", "cells", "segmentation")
+FROZEN_ON_RESUME = ("model", "cells", "segmentation", "pseudo")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
