@@ -7,7 +7,7 @@ import pytest
 from builders import build_world, hand_made_cells, perfect, tiny_cfg
 
 from hpasc import runs
-from hpasc.cells.truth import label_map_iou, match_label_maps, truth_cell_labels
+from hpasc.cells.truth import match_label_maps, truth_cell_labels
 from hpasc.config import ConfigError, load_config
 from hpasc.data import select_cells
 from hpasc.labels import NEGATIVE, NUM_CLASSES, multihot_matrix, to_multihot
@@ -16,22 +16,18 @@ from hpasc.training.pseudo import PseudoLabelError, pseudo_targets, round_target
 
 # --------------------------------------------------------------------------- matching cells to truth
 
-def test_label_map_iou_is_hand_computed():
+def test_our_cells_match_truth_cells_by_hand_computed_iou():
     ours = np.zeros((4, 4), np.int32)
     ours[:, :2] = 1  # 8 px
     ours[:, 2:] = 2  # 8 px
     truth = np.zeros((4, 4), np.int32)
     truth[:, :3] = 1  # 12 px: 8 shared with our cell 1, 4 with cell 2
-    iou = label_map_iou(ours, truth)
-    assert iou.shape == (3, 2)
-    assert iou[1, 1] == pytest.approx(8 / 12)
-    assert iou[2, 1] == pytest.approx(4 / 16)
-    assert iou[0].sum() == 0 and iou[:, 0].sum() == 0  # background never matches
+    # our cell 1: IoU 8 / 12 with truth cell 1; our cell 2: 4 / 16; background never matches
     mine, theirs, values = match_label_maps(ours, truth, 0.5)
     assert mine.tolist() == [1] and theirs.tolist() == [1] and values[0] == pytest.approx(2 / 3)
     assert match_label_maps(ours, truth, 0.2)[0].tolist() == [1, 2]
     with pytest.raises(ValueError, match="shape"):
-        label_map_iou(ours, truth[:3])
+        match_label_maps(ours, truth[:3])
     with pytest.raises(ValueError, match="min_iou"):
         match_label_maps(ours, truth, 0.0)
 

@@ -2,8 +2,8 @@
 
 The learner ceiling (``cells.selection: truth``) and the cell-level evaluation of out-of-fold
 predictions both need to know, for each of *our* cells, which truth cell it is. Cells are matched on the
-label maps themselves: one pass of ``bincount`` over the pixel pairs gives the intersection of every
-(our cell, truth cell) pair; a pair matches at IoU >= ``min_iou``. With ``min_iou`` >= 0.5 a cell
+label maps themselves (``segmentation.quality.iou_matrix``: one ``bincount`` over the pixel pairs); a pair
+matches at IoU >= ``min_iou``. With ``min_iou`` >= 0.5 a cell
 matches at most one truth cell and the other way round, so no assignment problem arises.
 """
 from __future__ import annotations
@@ -17,29 +17,17 @@ import pandas as pd
 from ..labels import format_label
 
 
-def label_map_iou(ours: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """IoU of every pair of cells of two label maps of one image: (max(ours) + 1, max(truth) + 1), row
-    and column 0 the background (IoU left 0)."""
-    if ours.shape != truth.shape:
-        raise ValueError(f"label maps differ in shape: {ours.shape} vs {truth.shape}")
-    n_o, n_t = int(ours.max(initial=0)) + 1, int(truth.max(initial=0)) + 1
-    pairs = ours.astype(np.int64).ravel() * n_t + truth.astype(np.int64).ravel()
-    inter = np.bincount(pairs, minlength=n_o * n_t).reshape(n_o, n_t).astype(np.float64)
-    area_o, area_t = inter.sum(axis=1), inter.sum(axis=0)
-    union = area_o[:, None] + area_t[None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    iou[0, :] = 0.0
-    iou[:, 0] = 0.0
-    return iou
-
-
 def match_label_maps(ours: np.ndarray, truth: np.ndarray, min_iou: float = 0.5
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(our cell ids, their truth cell ids, IoU)`` of the pairs whose IoU >= ``min_iou`` (> 0): each of
     our cells takes the truth cell it overlaps best."""
+    from ..segmentation.quality import iou_matrix
+
     if not 0.0 < min_iou <= 1.0:
         raise ValueError(f"min_iou must be in (0, 1], got {min_iou}")
-    iou = label_map_iou(ours, truth)
+    iou = iou_matrix(ours, truth)
+    iou[0, :] = 0.0  # background is not a cell
+    iou[:, 0] = 0.0
     best = iou.argmax(axis=1)
     best_iou = iou[np.arange(len(iou)), best]
     mine = np.flatnonzero(best_iou >= min_iou)
