@@ -1,4 +1,4 @@
-"""``hpasc segment``."""
+"""``hpasc segment`` and ``hpasc segment-eval``."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (repeatable), e.g. segmentation.cell_weights=/w/cell.pth")
     p.set_defaults(func=_run)
+
+    e = sub.add_parser("segment-eval", help="our cell masks against reference masks: F1 at IoU 0.5/0.6/0.75, "
+                       "mean IoU, merged and split cells, per image")
+    e.add_argument("masks_dir", metavar="MASKS", help="our masks ({ID}.png, as hpasc segment writes them)")
+    e.add_argument("truth_dir", metavar="TRUTH_MASKS", help="reference label maps: {ID}.png or {ID}_cellmask.png")
+    e.add_argument("--ids", default=None, metavar="CSV", help="only the IDs of this CSV (ID column)")
+    e.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    e.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ..segmentation.evaluate import evaluate_folder, format_result
+    from ..segmentation.folder import read_id_list
+
+    ids = read_id_list(args.ids) if args.ids else None
+    result = evaluate_folder(args.masks_dir, args.truth_dir, ids)
+    print(result.to_json() if args.json else format_result(result))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

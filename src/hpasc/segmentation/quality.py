@@ -12,9 +12,9 @@ import numpy as np
 from .postprocess import relabel_consecutive
 
 
-def iou_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """IoU of every (pred label, truth label) pair: float64 ``(n_pred + 1, n_truth + 1)``, row/column 0 =
-    background. Labels need not be consecutive; the matrix is indexed by label value."""
+def overlap_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Shared pixels of every (pred label, truth label) pair: float64 ``(n_pred + 1, n_truth + 1)``,
+    row/column 0 = background, indexed by label value (the row and column sums are the areas)."""
     pred = np.asarray(pred)
     truth = np.asarray(truth)
     if pred.shape != truth.shape:
@@ -24,7 +24,13 @@ def iou_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     n_p = int(pred.max(initial=0)) + 1
     n_t = int(truth.max(initial=0)) + 1
     joint = np.bincount(pred.ravel().astype(np.int64) * n_t + truth.ravel(), minlength=n_p * n_t)
-    inter = joint.reshape(n_p, n_t).astype(np.float64)
+    return joint.reshape(n_p, n_t).astype(np.float64)
+
+
+def iou_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """IoU of every (pred label, truth label) pair: float64 ``(n_pred + 1, n_truth + 1)``, row/column 0 =
+    background. Labels need not be consecutive; the matrix is indexed by label value."""
+    inter = overlap_matrix(pred, truth)
     area_p = inter.sum(axis=1, keepdims=True)
     area_t = inter.sum(axis=0, keepdims=True)
     union = area_p + area_t - inter
