@@ -184,3 +184,19 @@ def test_cv_keeps_rounds_apart(tmp_path):
             (dst / name).write_bytes((src / name).read_bytes())
     groups = {g.name: sorted(g.fold_dirs) for g in group_runs([world["runs"]])}
     assert groups == {"cfg": [0, 1], "cfg/round1": [0, 1]}
+
+
+def test_fold_tables_get_the_truth_labels_of_their_cells(tmp_path):
+    from hpasc.config import replace
+    from hpasc.training.fold_data import TrainDataError, with_truth_labels
+
+    world = build_world(tmp_path, {"a": perfect}, n_images=4)
+    table = world["cells"][["ID", "cell_id"]].copy()
+    table.index = table.index + 100  # crop rows are the index: they must survive
+    cfg = tiny_cfg(tmp_path, "cells.selection=truth")
+    with pytest.raises(TrainDataError, match="data.truth_csv"):
+        with_truth_labels(cfg, table, world["work"] / "masks" / "train")
+    cfg = replace(cfg, **{"data.truth_csv": str(world["truth"])})
+    got = with_truth_labels(cfg, table, world["work"] / "masks" / "train")
+    assert list(got.index) == list(table.index)
+    assert got["truth_label"].tolist() == world["cells"]["cls"].astype(str).tolist()
