@@ -302,7 +302,8 @@ def evaluate(data: CVData, weights: Sequence[float] | None = None, alpha: float 
         conf = data.confidences(probs, result.alpha)
         cmap, cap = fast_map(conf, data.truth, floor=data.infer_cfg.floor)
         result.comp_map, result.comp_per_class_ap = cmap, _nan_to_none(cap)
-        result.oracle_map, result.cell_auc = cell_level(data, conf)
+        result.oracle_map = fast_map(data.truth.tp.astype(np.float32), data.truth)[0]
+        result.cell_auc = cell_level(data, conf)
     for k in data.folds:
         rows, images = data.fold_masks(k)
         fold_scores: dict[str, float | None] = {"proxy_map": proxy_scores(data.targets[rows], probs[rows])[0]}
@@ -314,18 +315,17 @@ def evaluate(data: CVData, weights: Sequence[float] | None = None, alpha: float 
     return result
 
 
-def cell_level(data: CVData, conf: np.ndarray) -> tuple[float, dict]:
-    """(oracle mAP, cell AUCs) of OOF confidences against the truth: a cell is positive for the classes
-    of the truth cell it matches (IoU >= 0.6, ``CompetitionTruth.tp``); unmatched cells are left out of
-    the AUCs, as ``hpasc.cell_eval`` leaves out unmatched truth cells."""
+def cell_level(data: CVData, conf: np.ndarray) -> dict:
+    """Cell AUCs (``hpasc.cell_eval.cell_auc``) of OOF confidences against the truth: a cell is positive
+    for the classes of the truth cell it matches (IoU >= 0.6, ``CompetitionTruth.tp``); unmatched cells
+    are left out, as ``hpasc.cell_eval`` leaves out unmatched truth cells."""
     from .cell_eval import MatchedCells, cell_auc
 
     tp = data.truth.tp
-    oracle = fast_map(tp.astype(np.float32), data.truth)[0]
     rows = tp.any(axis=1)
     matched = MatchedCells(data.keys["ID"].to_numpy()[rows].tolist(), tp[rows].astype(np.float64),
                            np.asarray(conf, np.float64)[rows], int(rows.sum()), {})
-    return oracle, cell_auc(matched)
+    return cell_auc(matched)
 
 
 def _overall(data: CVData, weights: np.ndarray, alpha: float | None) -> dict[str, float | None]:
@@ -335,7 +335,7 @@ def _overall(data: CVData, weights: np.ndarray, alpha: float | None) -> dict[str
     if data.truth is not None:
         conf = data.confidences(probs, alpha)
         out["comp_map"] = fast_map(conf, data.truth, floor=data.infer_cfg.floor)[0]
-        out["cell_auc_within"] = cell_level(data, conf)[1]["within"]
+        out["cell_auc_within"] = cell_level(data, conf)["within"]
     return {name: _nan_to_none([v])[0] for name, v in out.items()}
 
 

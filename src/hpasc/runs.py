@@ -48,10 +48,11 @@ class RunFolderError(ValueError):
 
 # --------------------------------------------------------------------------- run folders
 
-def run_dir(cfg: Any, fold: int, round_: int | None = None) -> Path:
-    """``<train.out_dir>/<name>/fold<k>`` (``.../round<r>/fold<k>`` for a pseudo-label round)."""
+def run_dir(cfg: Any, fold: int, round_: int | None = 0) -> Path:
+    """``<train.out_dir>/<name>/fold<k>``; ``.../round<r>/fold<k>`` for pseudo-label round r >= 1 (round 0,
+    or None, is the plain fold folder)."""
     base = Path(cfg.train.out_dir) / cfg.name
-    if round_ is not None:
+    if round_:
         base = base / f"round{round_}"
     return base / f"fold{fold}"
 
@@ -74,7 +75,7 @@ def group_name(path: os.PathLike | str) -> str:
     """The ensemble member a fold run belongs to: ``<config>``, or ``<config>/round<r>`` in a
     pseudo-label round (rounds of one config are compared, not mixed)."""
     parent = Path(path).parent
-    return f"{parent.parent.name}/{parent.name}" if _ROUND_RE.search(parent.name) else parent.name
+    return f"{parent.parent.name}/{parent.name}" if round_of(path) else parent.name
 
 
 def is_run(path: os.PathLike | str, need: Sequence[str] = ()) -> bool:

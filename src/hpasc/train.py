@@ -30,7 +30,7 @@ __all__ = ["run_dir", "train_fold", "train_folds", "train_on", "run_training", "
 
 def run_dir(cfg: Config, fold: int, round_: int = 0) -> Path:
     """``<train.out_dir>/<name>/fold<k>``; ``.../round<r>/fold<k>`` for pseudo-label round r >= 1."""
-    return runs.run_dir(cfg, fold, round_ if round_ > 0 else None)
+    return runs.run_dir(cfg, fold, round_)
 
 
 def train_on(cfg: Config, data: FoldData, out: Path, resume: bool = False, info: DistInfo | None = None,

@@ -26,7 +26,7 @@ import numpy as np
 from ..paths import is_plain_id
 from .folder import _read_label_png, mask_paths
 from .postprocess import relabel_consecutive
-from .quality import overlap_matrix
+from .quality import iou_from_overlap, overlap_matrix
 
 THRESHOLDS = (0.5, 0.6, 0.75)
 REFERENCE_SUFFIXES = ("", "_cellmask")  # {ID}.png, {ID}_cellmask.png
@@ -63,12 +63,11 @@ def _key(thr: float) -> str:
 def score_label_maps(pred: np.ndarray, truth: np.ndarray, image_id: str = "") -> ImageScore:
     """One image's scores (module doc) from our label map and the reference one."""
     pred, truth = relabel_consecutive(np.asarray(pred)), relabel_consecutive(np.asarray(truth))
-    inter = overlap_matrix(pred, truth)
-    area_p, area_t = inter.sum(axis=1), inter.sum(axis=0)
-    inter, area_p, area_t = inter[1:, 1:], area_p[1:], area_t[1:]
+    overlap = overlap_matrix(pred, truth)
+    iou = iou_from_overlap(overlap)[1:, 1:]
+    area_p, area_t = overlap.sum(axis=1)[1:], overlap.sum(axis=0)[1:]
+    inter = overlap[1:, 1:]
     n_pred, n_truth = len(area_p), len(area_t)
-    union = area_p[:, None] + area_t[None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     tp, f1 = {}, {}
     mean_iou = None
     if n_pred and n_truth:

@@ -30,7 +30,12 @@ def overlap_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def iou_matrix(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """IoU of every (pred label, truth label) pair: float64 ``(n_pred + 1, n_truth + 1)``, row/column 0 =
     background. Labels need not be consecutive; the matrix is indexed by label value."""
-    inter = overlap_matrix(pred, truth)
+    return iou_from_overlap(overlap_matrix(pred, truth))
+
+
+def iou_from_overlap(inter: np.ndarray) -> np.ndarray:
+    """An ``overlap_matrix`` (background row and column included) -> the IoU of every pair, 0 where the
+    union is empty."""
     area_p = inter.sum(axis=1, keepdims=True)
     area_t = inter.sum(axis=0, keepdims=True)
     union = area_p + area_t - inter

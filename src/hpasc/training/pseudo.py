@@ -39,11 +39,6 @@ class PseudoLabelError(ValueError):
     """A pseudo-label round that cannot start (no out-of-fold predictions of the round before)."""
 
 
-def round_dir(cfg, fold: int, round_: int):
-    """The run folder of ``fold`` in pseudo-label round ``round_`` (round 0 is the plain fold folder)."""
-    return runs.run_dir(cfg, fold, round_ if round_ > 0 else None)
-
-
 def pseudo_targets(probs: np.ndarray, image_targets: np.ndarray, image_ids, scale: str = "image_max",
                    power: float = 1.0, negative: bool = True, weight: float = 1.0) -> np.ndarray:
     """Soft cell targets (n, 19) from out-of-fold probabilities (n, 19), the cells' image labels (n, 19)
@@ -79,12 +74,12 @@ def round_oof(cfg, round_: int) -> pd.DataFrame:
     """``ID, cell_id, p0..p18``: the out-of-fold predictions of every trained fold of ``round_``."""
     frames = []
     for fold in cfg.train.folds:
-        path = round_dir(cfg, fold, round_) / runs.OOF_FILE
+        path = runs.run_dir(cfg, fold, round_) / runs.OOF_FILE
         if path.is_file():
             frames.append(runs.read_oof(path))
     if not frames:
         raise PseudoLabelError(f"pseudo-label round {round_ + 1} needs the out-of-fold predictions of round "
-                               f"{round_} ({round_dir(cfg, cfg.train.folds[0], round_) / runs.OOF_FILE}, ...): "
+                               f"{round_} ({runs.run_dir(cfg, cfg.train.folds[0], round_) / runs.OOF_FILE}, ...): "
                                "train that round's folds first")
     return pd.concat(frames, ignore_index=True).drop_duplicates(["ID", "cell_id"], keep="last")
 
