@@ -46,6 +46,8 @@ class SegmentationConfig:
     min_nucleus_area: int = 0
     nuclei_weights: str | None = None  # hpacellseg: dpn_unet_nuclei_v1.pth
     cell_weights: str | None = None  # hpacellseg: dpn_unet_cell_3ch_v1.pth
+    hpacellseg_padding: str = "auto"  # auto (pad only sizes the network cannot take) | always
+    hpacellseg_fixes: tuple[str, ...] = ()  # faults of the original to fix (hpasc.segmentation.hpacellseg.FIXES)
     cellpose_model: str | None = None  # cellpose: local model file (never downloaded)
     cellpose_diameter: float | None = None  # None -> automatic
     flow_threshold: float = 0.7
@@ -301,6 +303,8 @@ _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
 # when a config is checked, so plug-ins registered by name are accepted like the built-ins.
 CHOICES: dict[str, str] = {
     "SegmentationConfig.backend": "hpasc.segmentation.base:available_backends",
+    "SegmentationConfig.hpacellseg_padding": "hpasc.segmentation.hpacellseg:PADDING_MODES",
+    "SegmentationConfig.hpacellseg_fixes": "hpasc.segmentation.hpacellseg:FIXES",
     "CellsConfig.neighbours": "hpasc.cells:NEIGHBOUR_MODES",
     "CellsConfig.selection": "hpasc.data:SELECTIONS",
     "CellsConfig.augment": "hpasc.data:AUGMENTATIONS",

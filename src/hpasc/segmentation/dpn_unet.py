@@ -1,12 +1,13 @@
 """The HPA Cell Segmentation network, and loading its pickled ``.pth`` files without ``pytorch_zoo``.
 
 The released files (``dpn_unet_nuclei_v1.pth``, ``dpn_unet_cell_3ch_v1.pth``) are whole pickled modules
-whose classes live in ``pytorch_zoo`` (GitHub only, no licence). The network is a U-Net over a DPN-92
-encoder: five encoder stages (stem; pool + conv2_x; conv3_x; conv4_x; conv5_x + final BN-ReLU), four
-decoder stages (nearest 2x upsampling + 3x3 conv + ReLU) each followed by a bottleneck conv over the
-concatenated skip connection, one more upsampling block and a 1x1 head with 3 outputs (unused, touching
-borders, nuclei/cells). :class:`DPNUnet` rebuilds that module tree with the same attribute names from
-timm's DPN-92 blocks, so the pickled parameter names map one to one.
+whose classes live in ``pytorch_zoo`` (GitHub only, no licence). The network is a U-Net over a DPN-92 encoder: five encoder stages (stem; pool + conv2_x; conv3_x;
+conv4_x; conv5_x + final BN-ReLU, 64/336/704/1552/2688 channels), four decoder stages (nearest 2x
+upsampling + 3x3 conv + ReLU from one stage's width to the previous one's), each followed by a 3x3 conv
+bottleneck over the concatenated skip connection back to that width, one more upsampling block and a
+3x3 head with 3 outputs (background, touching borders, nuclei/cells). :class:`DPNUnet` rebuilds that
+module tree with the same attribute names from timm's DPN-92 blocks, so the pickled parameter names and
+shapes map one to one.
 
 :func:`load_pickled_state` reads such a file with a restricted unpickler: only the tensor-rebuilding
 functions of torch and ``OrderedDict`` are real; every other class named in the pickle (``pytorch_zoo``,
@@ -26,14 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# encoder output channels per stage and decoder widths of pytorch_zoo's dpn92 U-Net
-ENCODER_FILTERS = (64, 336, 704, 1552, 2688)
-DECODER_FILTERS = (64, 128, 256, 256)
-LAST_UPSAMPLE = 64
+# output channels of the five encoder stages of pytorch_zoo's dpn92 U-Net; its decoder mirrors them
+FILTERS = (64, 336, 704, 1552, 2688)
 
 
 class ConvBottleneck(nn.Module):
-    """3x3 conv + ReLU over [decoder features, encoder skip]."""
+    """3x3 conv + ReLU over [decoder features, encoder skip]: ``2f -> f`` channels."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -56,9 +55,12 @@ class UnetDecoderBlock(nn.Module):
 
 
 class DPNUnet(nn.Module):
-    """DPN-92-encoder U-Net with the attribute layout of ``pytorch_zoo.unet.DPNUnet``.
+    """DPN-92-encoder U-Net with the module tree and tensor shapes of ``pytorch_zoo.unet.DPNUnet``.
 
-    Input ``(B, 3, H, W)`` with H, W multiples of 32; output logits ``(B, num_classes, H, W)``.
+    With ``f = FILTERS``: decoder stage ``l`` (1..4) upsamples ``f[l] -> f[l-1]`` channels, the bottleneck
+    after it maps the concatenation with the encoder skip ``2 f[l-1] -> f[l-1]``, a last upsampling block
+    keeps ``f[0]`` and a 3x3 convolution gives the ``num_classes`` logits (~139M parameters in all).
+    Input ``(B, 3, H, W)`` with H, W multiples of 32; output ``(B, num_classes, H, W)``.
     """
 
     def __init__(self, num_classes: int = 3, in_channels: int = 3):
@@ -79,13 +81,11 @@ class DPNUnet(nn.Module):
             nn.Sequential(*stage("conv4_")),
             nn.Sequential(*stage("conv5_")),  # includes conv5_bn_ac
         ])
-        f, d = ENCODER_FILTERS, DECODER_FILTERS
-        self.bottlenecks = nn.ModuleList(
-            [ConvBottleneck(f[-i - 2] + width, width) for i, width in enumerate(reversed(d))])
-        self.decoder_stages = nn.ModuleList(
-            [UnetDecoderBlock(f[k + 1] if k + 1 == len(d) else d[k + 1], d[k]) for k in range(len(d))])
-        self.last_upsample = UnetDecoderBlock(d[0], LAST_UPSAMPLE)
-        self.final = nn.Sequential(nn.Conv2d(LAST_UPSAMPLE, num_classes, 1))
+        f = FILTERS
+        self.bottlenecks = nn.ModuleList([ConvBottleneck(2 * width, width) for width in reversed(f[:-1])])
+        self.decoder_stages = nn.ModuleList([UnetDecoderBlock(f[k], f[k - 1]) for k in range(1, len(f))])
+        self.last_upsample = UnetDecoderBlock(f[0], f[0])
+        self.final = nn.Sequential(nn.Conv2d(f[0], num_classes, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -216,12 +216,40 @@ def load_dpn_unet(path: os.PathLike | str, device: torch.device | str = "cpu") -
     stem = state.get("encoder_stages.0.0.weight")
     model = DPNUnet(num_classes=head.shape[0], in_channels=stem.shape[1] if stem is not None else 3)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: weights do not fit the DPN-92 U-Net: missing {missing[:5]}"
-                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{'...' if len(unexpected) > 5 else ''}, wrong shape {wrong[:5]}")
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise ValueError(f"{path}: weights do not fit the hpacellseg DPN-92 U-Net: {shown}")
     model.load_state_dict(OrderedDict((k, state[k]) for k in expected))
     return model.eval().to(device)
+
+
+def random_state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Reproducible random weights for ``model``'s state dict, a function of tensor names, shapes and
+    ``seed`` only (so any module with the same names and shapes, e.g. the original ``pytorch_zoo``
+    network, gets bit-identical weights): He-normal convolutions, BatchNorm near identity with slightly
+    varied statistics, small biases. For tests and golden outputs, not for segmenting."""
+    import numpy as np
+
+    out = {}
+    names = sorted(model.state_dict().items())
+    for index, (name, ref) in enumerate(names):
+        rng = np.random.default_rng([seed, index])
+        shape = tuple(ref.shape)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "num_batches_tracked":
+            value = np.zeros(shape, np.int64)
+        elif leaf == "weight" and len(shape) == 4:
+            value = rng.normal(0.0, np.sqrt(2.0 / max(1, int(np.prod(shape[1:])))), shape)
+        elif leaf == "weight":  # BatchNorm scale
+            value = rng.uniform(0.8, 1.2, shape)
+        elif leaf == "running_var":
+            value = rng.uniform(0.8, 1.2, shape)
+        else:  # biases and running means
+            value = rng.normal(0.0, 0.05, shape)
+        out[name] = torch.from_numpy(np.asarray(value, dtype=np.int64 if leaf == "num_batches_tracked"
+                                                else np.float32))
+    return out
