@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "segment",  # segment
     "cells",  # cells
     "train",  # train
-    "predict",  # predict, merge
+    "predict",  # predict, merge, plan
     "analysis",  # cv, blend, report, explain
     "demo",  # demo
 )

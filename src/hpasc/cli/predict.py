@@ -1,4 +1,5 @@
-"""``hpasc predict`` (ensemble inference -> submission) and ``hpasc merge`` (shard outputs -> one file)."""
+"""``hpasc predict`` (ensemble inference -> submission), ``hpasc merge`` (shard outputs -> one file) and
+``hpasc plan`` (the kernel's wall time on the test set, estimated before submitting)."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,26 @@ def register(subparsers) -> None:
     p.add_argument("parts", nargs="+", help="the shard outputs")
     p.set_defaults(func=_merge)
 
+    p = subparsers.add_parser(
+        "plan", help="estimate the kernel's wall time on the test set before submitting",
+        description="Time a few images of each test size through predict (these runs, TTA, device) and "
+        "extrapolate to the test set (default: the real one, 462 x 2048 + 68 x 1728 + 29 x 3072 px): a "
+        "table per size and stage, the total against Kaggle's 9 h and what the time budget would "
+        "degrade to.")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR")
+    p.add_argument("--weights", help="weights YAML from hpasc blend")
+    p.add_argument("--sample-submission", help="the test listing to plan for (sizes from its rows)")
+    p.add_argument("--images", help="real images to time (resized to each size); default: synthetic")
+    p.add_argument("--per-size", type=int, default=2, help="images timed per size (default 2)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="inference setting, e.g. --set tta=[none] (repeatable)")
+    p.add_argument("--backend", help="segmentation backend (default: the first run's config)")
+    p.add_argument("--budget", type=float, default=8 * 3600, metavar="SECONDS",
+                   help="the kernel's time budget (default 8 h of the 9 h limit)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda ...")
+    p.set_defaults(func=_plan)
+
 
 def _predict(args: argparse.Namespace) -> int:
     from ..predict import predict
@@ -51,4 +72,15 @@ def _merge(args: argparse.Namespace) -> int:
 
     out = merge(args.out, args.parts)
     print(f"wrote {out}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from ..predict.plan import format_plan, make_plan
+
+    plan = make_plan(args.runs, args.sample_submission, per_size=args.per_size, images=args.images,
+                     device=args.device, workers=args.workers, weights=args.weights,
+                     inference_overrides=args.overrides,
+                     seg_overrides=[f"backend={args.backend}"] if args.backend else None, budget=args.budget)
+    print(format_plan(plan))
     return 0

@@ -229,7 +229,8 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
     ``seg_cfg`` defaults to the first run's segmentation settings (then ``seg_overrides``, ``key=value``
     strings); the inference settings are the first run's, then the weights file's, then
     ``inference_overrides``. ``workers`` threads read/segment/crop ahead of the models. ``stats``, when
-    given, receives seconds per stage, the failed images with their reasons and the final budget level.
+    given, receives seconds per stage, the failed images with their reasons, the final budget level, the
+    setup seconds (loading and checks), the number of members and the TTA views.
 
     Everything that would fail every image is checked before the first one: the sample submission
     (duplicate IDs; IDs that are not plain names, unless ``bad_ids="keep"`` turns them into empty rows
@@ -260,7 +261,8 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
     crop_cfgs = [m.cfg.cells for m in members]
     masks = Path(masks_dir) if masks_dir else None
     _preflight(members, infer, seg_cfg, masks, [i for i in mine if i not in invalid], device)
-    left = None if time_budget is None else time_budget - (time.monotonic() - t0)  # after model loading
+    setup = time.monotonic() - t0  # model loading and the checks above
+    left = None if time_budget is None else time_budget - setup
     budget = Budget(left, len(mine), degradation_ladder(len(members), infer.tta))
     run = _Run(members, infer, budget, device)
     log.info("predicting %d images with %d model(s) on %s", len(mine), len(members), device)
@@ -290,7 +292,7 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
     if stats is not None:
         stats.update(seconds={k: round(v, 3) for k, v in run.seconds.items()}, images=len(mine),
                      failed=dict(run.failures), level=budget.level, total=round(time.monotonic() - t0, 3),
-                     torch_threads=threads)
+                     setup=round(setup, 3), members=len(members), tta=list(infer.tta), torch_threads=threads)
     log.info("wrote %s (%d images, %d empty after problems) in %.1f s", out, len(mine), len(run.failures),
              time.monotonic() - t0)
     return out

@@ -1,0 +1,167 @@
+"""``hpasc plan``: the kernel's wall time on the competition test set, estimated before submitting.
+
+A few images of each test size are run through :func:`hpasc.predict.predict` itself — the kernel's code,
+with the given runs, TTA and device — and the measured rate per image is extrapolated to the test set
+(by default the real one: 462 x 2048, 68 x 1728 and 29 x 3072 px, from ``sample_submission.csv``; any
+other listing with ``--sample-submission``). The timing images are synthetic cells at each size, 16-bit
+as the real test set, unless a folder of real images is given (they are resized to each size).
+
+The model stage scales with members x TTA views, so the same measurement prices every rung of the time
+budget's ladder (:func:`hpasc.predict.budget.degradation_ladder`): the plan says which rung a budget
+would end on.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..synthetic.world import DUMMY_PREDICTION, REAL_TEST_SIZES
+from .budget import Level, degradation_ladder
+
+KAGGLE_LIMIT = 9 * 3600.0  # seconds a Kaggle kernel may run
+STAGES = ("read", "segment", "encode", "crop", "model", "combine")
+
+
+@dataclass
+class SizeTiming:
+    """What ``k`` images of one side cost in one predict run."""
+
+    side: int
+    count: int  # images of this side in the planned test set
+    measured: int  # images timed
+    wall: float  # seconds per image, wall clock, stages overlapping as in the kernel
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per image (summed over threads)
+
+
+@dataclass
+class Plan:
+    sizes: list[SizeTiming]
+    setup: float  # model loading + pre-flight, once per kernel
+    ladder: list[Level]
+    device: str
+    budget: float
+
+    def total(self, level: Level | None = None) -> float:
+        """Projected kernel seconds at ``level`` (default: full settings): the model stage scales with
+        members x TTA views, the rest stays; empty rows cost nothing but the setup."""
+        full = self.ladder[0]
+        level = level or full
+        if level.empty:
+            return self.setup
+        share = level.n_members * len(level.tta) / (full.n_members * len(full.tta))
+        total = self.setup
+        for s in self.sizes:
+            saved = s.stages.get("model", 0.0) * (1.0 - share)
+            total += max(s.wall - saved, 0.0) * s.count
+        return total
+
+    def fitting_level(self) -> Level | None:
+        """The first ladder rung whose projection fits the budget (None: even empty rows do not)."""
+        for level in self.ladder:
+            if self.total(level) <= self.budget:
+                return level
+        return None
+
+
+def listing_sizes(sample_submission: os.PathLike | str | None = None) -> dict[int, int]:
+    """Image side -> number of images: of a sample submission, or the real test set's."""
+    if sample_submission is None:
+        return dict(REAL_TEST_SIZES)
+    frame = pd.read_csv(sample_submission, usecols=["ImageWidth", "ImageHeight"])
+    sides = frame[["ImageWidth", "ImageHeight"]].max(axis=1).astype(int)
+    return {int(side): int(n) for side, n in sides.value_counts().sort_index().items()}
+
+
+def _timing_images(folder: Path, side: int, n: int, real: Path | None, seed: int) -> pd.DataFrame:
+    """``n`` 16-bit images of ``side`` px in ``folder`` and their sample-submission rows."""
+    import cv2
+
+    from ..io import read_image, write_image
+    from ..synthetic.label_table import sample_label_set
+    from ..synthetic.render import generate_image
+
+    real_ids = sorted(p.name[: -len("_red.png")] for p in real.glob("*_red.png")) if real else []
+    rows = []
+    for k in range(n):
+        image_id = f"plan{side}x{k:02d}"
+        if real_ids:
+            image = read_image(real, real_ids[k % len(real_ids)])
+            image = cv2.resize(image, (side, side), interpolation=cv2.INTER_LINEAR)
+        else:
+            rng = np.random.default_rng([seed, side, k])
+            image = generate_image(rng, side, sample_label_set(rng), 0.5).image
+        write_image(folder, image_id, np.clip(image, 0, 1), bits=16)
+        rows.append({"ID": image_id, "ImageWidth": side, "ImageHeight": side,
+                     "PredictionString": DUMMY_PREDICTION})
+    return pd.DataFrame(rows)
+
+
+def make_plan(run_dirs: Sequence[os.PathLike | str], sample_submission: os.PathLike | str | None = None,
+              per_size: int = 2, images: os.PathLike | str | None = None, device: str = "auto",
+              workers: int = 2, weights: os.PathLike | str | None = None,
+              inference_overrides: Sequence[str] | None = None, seg_overrides: Sequence[str] | None = None,
+              budget: float = 8 * 3600.0, seed: int = 0) -> Plan:
+    """Time ``per_size`` images of each side of the test set through ``predict`` and extrapolate."""
+    from . import predict
+
+    if per_size < 1:
+        raise ValueError(f"per_size must be >= 1, got {per_size}")
+    counts = listing_sizes(sample_submission)
+    real = Path(images) if images else None
+    timings, setups, stats = [], [], {}
+    with tempfile.TemporaryDirectory(prefix="hpasc-plan-") as tmp:
+        for side, count in counts.items():
+            folder = Path(tmp) / f"s{side}"
+            sample = _timing_images(folder, side, per_size, real, seed)
+            sample.to_csv(folder / "sample.csv", index=False)
+            stats = {}
+            predict(run_dirs, folder, folder / "sample.csv", folder / "submission.csv", weights=weights,
+                    inference_overrides=inference_overrides, seg_overrides=seg_overrides, device=device,
+                    workers=workers, stats=stats)
+            setups.append(stats["setup"])
+            stages = {k: v / per_size for k, v in stats["seconds"].items()}
+            timings.append(SizeTiming(side, count, per_size, (stats["total"] - stats["setup"]) / per_size,
+                                      stages))
+    from ..device import resolve_device
+
+    return Plan(timings, float(np.median(setups)), degradation_ladder(stats["members"], stats["tta"]),
+                str(resolve_device(device)), budget)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a table per size and stage, the total against the limit and the budget."""
+    shown = [s for s in STAGES if any(t.stages.get(s, 0) for t in plan.sizes)]
+    head = f"{'side':>6}{'images':>8}" + "".join(f"{s:>9}" for s in shown) + f"{'wall/img':>10}{'total':>10}"
+    lines = [f"kernel time plan on {plan.device}: seconds per image by stage (threads overlap, so the wall "
+             "time per image is less than their sum)", head]
+    for t in plan.sizes:
+        lines.append(f"{t.side:>6}{t.count:>8}" + "".join(f"{t.stages.get(s, 0.0):>9.2f}" for s in shown)
+                     + f"{t.wall:>10.2f}{_hours(t.wall * t.count):>10}")
+    n = sum(t.count for t in plan.sizes)
+    total = plan.total()
+    lines.append(f"setup (model loading, checks): {plan.setup:.1f} s; measured on "
+                 f"{sum(t.measured for t in plan.sizes)} images")
+    lines.append(f"projected: {_hours(total)} for {n} images (Kaggle limit {_hours(KAGGLE_LIMIT)}, "
+                 f"time budget {_hours(plan.budget)})")
+    for level in plan.ladder[1:]:
+        what = "empty rows" if level.empty else f"{level.n_members} model(s), TTA {'/'.join(level.tta)}"
+        lines.append(f"  if degraded to {what}: {_hours(plan.total(level))}")
+    fit = plan.fitting_level()
+    if fit == plan.ladder[0]:
+        lines.append("fits: the full settings finish within the budget")
+    elif fit is None:
+        lines.append("does not fit even with empty rows: raise the budget")
+    else:
+        what = "empty rows" if fit.empty else f"{fit.n_members} model(s), TTA {'/'.join(fit.tta)}"
+        lines.append(f"does not fit at full settings: the budget would degrade to {what}")
+    return "\n".join(lines)
