@@ -28,7 +28,7 @@ def test_projection_and_ladder_by_hand():
     assert tight.fitting_level() == Level(4, ("none",))
     text = format_plan(tight)
     assert "the budget would degrade to 4 model(s), TTA none" in text
-    assert "  2048     100" in text and "projected: 0.11 h for 110 images" in text
+    assert "  2048     100" in text and "projected: 380 s for 110 images" in text
     assert _plan(budget=10.0).fitting_level() is None
 
 

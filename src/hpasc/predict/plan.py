@@ -135,7 +135,7 @@ def make_plan(run_dirs: Sequence[os.PathLike | str], sample_submission: os.PathL
 
 
 def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds:.0f} s"
 
 
 def format_plan(plan: Plan) -> str:
