@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from hpasc.predict.budget import Level, degradation_ladder
-from hpasc.predict.plan import Plan, SizeTiming, format_plan, make_plan, listing_sizes
+from hpasc.predict.plan import Plan, SizeTiming, _timing, format_plan, listing_sizes, make_plan
 
 
 def _plan(budget: float) -> Plan:
@@ -28,8 +28,18 @@ def test_projection_and_ladder_by_hand():
     assert tight.fitting_level() == Level(4, ("none",))
     text = format_plan(tight)
     assert "the budget would degrade to 4 model(s), TTA none" in text
-    assert "  2048     100" in text and "projected: 380 s for 110 images" in text
+    assert "  2048     100" in text and "projected: 0.11 h for 110 images" in text
     assert _plan(budget=10.0).fitting_level() is None
+
+
+def test_model_stage_is_priced_per_crop_not_per_padded_batch():
+    """2 images, 40 cells, one model call of 256 crops that took 2.56 s: 0.01 s per crop, so the test set
+    pays 0.2 s per image of 20 cells, not 1.28; the wall time loses the padding's 2.16 s too."""
+    stats = {"seconds": {"segment": 1.0, "model": 2.56}, "total": 6.0, "setup": 1.0, "chunks": 1,
+             "batch_size": 256, "cells": 40}
+    t = _timing(2048, 462, 2, stats)
+    assert t.stages["model"] == pytest.approx(0.2) and t.stages["segment"] == 0.5
+    assert t.wall == pytest.approx((6.0 - 1.0 - (2.56 - 0.4)) / 2)
 
 
 def test_listing_sizes_default_and_from_a_listing(real_hpa, tmp_path):

@@ -125,13 +125,25 @@ def make_plan(run_dirs: Sequence[os.PathLike | str], sample_submission: os.PathL
                     inference_overrides=inference_overrides, seg_overrides=seg_overrides, device=device,
                     workers=workers, stats=stats)
             setups.append(stats["setup"])
-            stages = {k: v / per_size for k, v in stats["seconds"].items()}
-            timings.append(SizeTiming(side, count, per_size, (stats["total"] - stats["setup"]) / per_size,
-                                      stages))
+            timings.append(_timing(side, count, per_size, stats))
     from ..device import resolve_device
 
     return Plan(timings, float(np.median(setups)), degradation_ladder(stats["members"], stats["tta"]),
                 str(resolve_device(device)), budget)
+
+
+def _timing(side: int, count: int, measured: int, stats: dict) -> SizeTiming:
+    """Per-image seconds of one predict run. A few images fill the model's last batch mostly with zero
+    padding, which a full test set does not pay: the model stage is priced per crop (a call always
+    runs ``batch_size`` crops) and the wall time corrected by what the padding cost."""
+    stages = {k: v / measured for k, v in stats["seconds"].items()}
+    wall = (stats["total"] - stats["setup"]) / measured
+    if stats.get("chunks"):
+        model = stats["seconds"].get("model", 0.0)
+        steady = model / (stats["chunks"] * stats["batch_size"]) * stats["cells"]
+        stages["model"] = steady / measured
+        wall -= (model - steady) / measured
+    return SizeTiming(side, count, measured, max(wall, 0.0), stages)
 
 
 def _hours(seconds: float) -> str:

@@ -80,6 +80,8 @@ class _Run:
         self.cell_frames: list[pd.DataFrame] = []
         self.seconds: dict[str, float] = {}
         self.failures: dict[str, str] = {}
+        self.chunks = 0  # model calls, each on exactly batch_size crops (zero-padded)
+        self.cells = 0  # cells sent to the models
 
     def _time(self, stage: str, start: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
@@ -147,6 +149,8 @@ class _Run:
             self._complete()
             return
         self._time("model", t)
+        self.chunks += 1
+        self.cells += sum(b - a for _, a, b in segments)
         row = 0
         for item, a, b in segments:
             item.probs[a:b] = out.probs[row:row + b - a]
@@ -230,7 +234,8 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
     strings); the inference settings are the first run's, then the weights file's, then
     ``inference_overrides``. ``workers`` threads read/segment/crop ahead of the models. ``stats``, when
     given, receives seconds per stage, the failed images with their reasons, the final budget level, the
-    setup seconds (loading and checks), the number of members and the TTA views.
+    setup seconds (loading and checks), the number of members and the TTA views, and the model calls
+    (``chunks`` of ``batch_size`` crops, zero-padded) for the ``cells`` predicted.
 
     Everything that would fail every image is checked before the first one: the sample submission
     (duplicate IDs; IDs that are not plain names, unless ``bad_ids="keep"`` turns them into empty rows
@@ -292,7 +297,8 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
     if stats is not None:
         stats.update(seconds={k: round(v, 3) for k, v in run.seconds.items()}, images=len(mine),
                      failed=dict(run.failures), level=budget.level, total=round(time.monotonic() - t0, 3),
-                     setup=round(setup, 3), members=len(members), tta=list(infer.tta), torch_threads=threads)
+                     setup=round(setup, 3), members=len(members), tta=list(infer.tta), torch_threads=threads,
+                     chunks=run.chunks, cells=run.cells, batch_size=infer.batch_size)
     log.info("wrote %s (%d images, %d empty after problems) in %.1f s", out, len(mine), len(run.failures),
              time.monotonic() - t0)
     return out
