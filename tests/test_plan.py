@@ -36,10 +36,20 @@ def test_model_stage_is_priced_per_crop_not_per_padded_batch():
     """2 images, 40 cells, one model call of 256 crops that took 2.56 s: 0.01 s per crop, so the test set
     pays 0.2 s per image of 20 cells, not 1.28; the wall time loses the padding's 2.16 s too."""
     stats = {"seconds": {"segment": 1.0, "model": 2.56}, "total": 6.0, "setup": 1.0, "chunks": 1,
-             "batch_size": 256, "cells": 40}
+             "batch_size": 256, "cells": 40, "member_seconds": {"big/fold0": 2.0, "small/fold0": 0.56}}
     t = _timing(2048, 462, 2, stats)
     assert t.stages["model"] == pytest.approx(0.2) and t.stages["segment"] == 0.5
     assert t.wall == pytest.approx((6.0 - 1.0 - (2.56 - 0.4)) / 2)
+    assert t.members == pytest.approx({"big/fold0": 2.0 / 2 * 40 / 256, "small/fold0": 0.56 / 2 * 40 / 256})
+
+
+def test_dropping_members_saves_their_own_cost():
+    """Heaviest-weight member first; one that costs 3/4 of the model stage stays when the rung keeps one."""
+    sizes = [SizeTiming(2048, 10, 2, wall=5.0, stages={"model": 4.0}, members={"b7": 3.0, "b0": 1.0})]
+    plan = Plan(sizes, setup=0.0, ladder=degradation_ladder(2, ["none", "hflip"]), device="cpu", budget=1e9)
+    assert plan.total() == 50.0
+    assert plan.total(Level(2, ("none",))) == pytest.approx(10 * (5 - 4 + 2.0))
+    assert plan.total(Level(1, ("none",))) == pytest.approx(10 * (5 - 4 + 1.5))
 
 
 def test_listing_sizes_default_and_from_a_listing(real_hpa, tmp_path):
@@ -61,5 +71,7 @@ def test_plan_times_the_real_predict(tmp_path, make_run):
     assert [(t.side, t.count, t.measured) for t in plan.sizes] == [(256, 4, 2), (384, 1, 2)]
     assert all(t.wall > 0 and t.stages["segment"] > 0 and t.stages["model"] > 0 for t in plan.sizes)
     assert plan.ladder[0] == Level(2, ("none", "hflip"))  # the runs' members and TTA
+    assert all(set(t.members) == {"tiny/fold0", "tiny/fold1"} for t in plan.sizes)
+    assert sum(plan.sizes[0].members.values()) == pytest.approx(plan.sizes[0].stages["model"], rel=0.3)
     assert plan.total() == pytest.approx(plan.setup + 4 * plan.sizes[0].wall + plan.sizes[1].wall)
     assert "fits" in format_plan(plan)

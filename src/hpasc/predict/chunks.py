@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,7 @@ class CropTensors:
 class ChunkOutput:
     probs: np.ndarray  # (n, 19) float64: weighted mean over members x TTA
     features: dict[tuple[str, str], np.ndarray]  # (member, tta) -> (n, F) pooled features (image heads)
+    seconds: dict[str, float] = field(default_factory=dict)  # member -> its forward passes, all views
 
 
 def predict_chunk(members: Sequence[Member], crops: dict[tuple, np.ndarray], tta: Sequence[str],
@@ -89,6 +91,7 @@ def predict_chunk(members: Sequence[Member], crops: dict[tuple, np.ndarray], tta
     total = sum(m.weight for m in members)
     acc = np.zeros((n, NUM_CLASSES), np.float64)
     features: dict[tuple[str, str], np.ndarray] = {}
+    seconds: dict[str, float] = {}
     cuda = device.startswith("cuda")
     by_cells: dict[CellsConfig, list[Member]] = {}
     for m in members:
@@ -101,6 +104,7 @@ def predict_chunk(members: Sequence[Member], crops: dict[tuple, np.ndarray], tta
             x = tensors(padded, cells_cfg)
             x = (x.pin_memory() if cuda else x).to(device, non_blocking=True)
             for m in group:
+                start = time.perf_counter()
                 for t in tta:
                     out = forward(m.model, x, t, channels_last=True)
                     # sigmoid on the whole padded batch: vectorised and scalar tail paths round
@@ -109,7 +113,8 @@ def predict_chunk(members: Sequence[Member], crops: dict[tuple, np.ndarray], tta
                     acc += (m.weight / total / len(tta)) * probs
                     if head and m.has_image_head:
                         features[(m.name, t)] = out["features"][:n].float().cpu().numpy()
-    return ChunkOutput(acc, features)
+                seconds[m.name] = seconds.get(m.name, 0.0) + time.perf_counter() - start  # synced by .cpu()
+    return ChunkOutput(acc, features, seconds)
 
 
 def image_head_probs(members: Sequence[Member], sums: dict[tuple[str, str], np.ndarray],

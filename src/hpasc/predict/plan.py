@@ -6,9 +6,10 @@ with the given runs, TTA and device — and the measured rate per image is extra
 other listing with ``--sample-submission``). The timing images are synthetic cells at each size, 16-bit
 as the real test set, unless a folder of real images is given (they are resized to each size).
 
-The model stage scales with members x TTA views, so the same measurement prices every rung of the time
-budget's ladder (:func:`hpasc.predict.budget.degradation_ladder`): the plan says which rung a budget
-would end on.
+Each member's forward passes are timed on their own, and the model stage scales with the TTA views, so
+the same measurement prices every rung of the time budget's ladder (:func:`hpasc.predict.budget.
+degradation_ladder`: fewer views, then the lightest-weighted members dropped): the plan says which rung a
+budget would end on.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class SizeTiming:
     measured: int  # images timed
     wall: float  # seconds per image, wall clock, stages overlapping as in the kernel
     stages: dict[str, float] = field(default_factory=dict)  # seconds per image (summed over threads)
+    members: dict[str, float] = field(default_factory=dict)  # model seconds per image by member, all
+    # TTA views, heaviest weight first (the order in which the budget drops members)
 
 
 @dataclass
@@ -54,11 +57,16 @@ class Plan:
         level = level or full
         if level.empty:
             return self.setup
-        share = level.n_members * len(level.tta) / (full.n_members * len(full.tta))
+        views = len(level.tta) / len(full.tta)
         total = self.setup
         for s in self.sizes:
-            saved = s.stages.get("model", 0.0) * (1.0 - share)
-            total += max(s.wall - saved, 0.0) * s.count
+            model = s.stages.get("model", 0.0)
+            costs = list(s.members.values())
+            if costs and sum(costs) > 0:  # the members this rung keeps, by their measured shares
+                kept = model * sum(costs[: level.n_members]) / sum(costs) * views
+            else:
+                kept = model * level.n_members / full.n_members * views
+            total += max(s.wall - (model - kept), 0.0) * s.count
         return total
 
     def fitting_level(self) -> Level | None:
@@ -138,12 +146,14 @@ def _timing(side: int, count: int, measured: int, stats: dict) -> SizeTiming:
     runs ``batch_size`` crops) and the wall time corrected by what the padding cost."""
     stages = {k: v / measured for k, v in stats["seconds"].items()}
     wall = (stats["total"] - stats["setup"]) / measured
+    members = {name: sec / measured for name, sec in stats.get("member_seconds", {}).items()}
     if stats.get("chunks"):
         model = stats["seconds"].get("model", 0.0)
-        steady = model / (stats["chunks"] * stats["batch_size"]) * stats["cells"]
-        stages["model"] = steady / measured
-        wall -= (model - steady) / measured
-    return SizeTiming(side, count, measured, max(wall, 0.0), stages)
+        keep = stats["cells"] / (stats["chunks"] * stats["batch_size"])  # the share that was not padding
+        stages["model"] = model * keep / measured
+        wall -= model * (1 - keep) / measured
+        members = {name: sec * keep for name, sec in members.items()}
+    return SizeTiming(side, count, measured, max(wall, 0.0), stages, members)
 
 
 def _hours(seconds: float) -> str:
@@ -159,6 +169,12 @@ def format_plan(plan: Plan) -> str:
     for t in plan.sizes:
         lines.append(f"{t.side:>6}{t.count:>8}" + "".join(f"{t.stages.get(s, 0.0):>9.2f}" for s in shown)
                      + f"{t.wall:>10.2f}{_hours(t.wall * t.count):>10}")
+    names = list(plan.sizes[0].members) if plan.sizes else []
+    if len(names) > 1:
+        lines.append("model seconds per image by member (all TTA views): "
+                     + "; ".join(f"{name} " + "/".join(f"{t.members.get(name, 0.0):.2f}" for t in plan.sizes)
+                                 for name in names)
+                     + f" (sides {'/'.join(str(t.side) for t in plan.sizes)})")
     n = sum(t.count for t in plan.sizes)
     total = plan.total()
     lines.append(f"setup (model loading, checks): {plan.setup:.1f} s; measured on "

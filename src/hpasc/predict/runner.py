@@ -81,6 +81,7 @@ class _Run:
         self.seconds: dict[str, float] = {}
         self.failures: dict[str, str] = {}
         self.chunks = 0  # model calls, each on exactly batch_size crops (zero-padded)
+        self.member_seconds: dict[str, float] = {}
         self.cells = 0  # cells sent to the models
 
     def _time(self, stage: str, start: float) -> None:
@@ -150,6 +151,8 @@ class _Run:
             return
         self._time("model", t)
         self.chunks += 1
+        for name, sec in out.seconds.items():
+            self.member_seconds[name] = self.member_seconds.get(name, 0.0) + sec
         self.cells += sum(b - a for _, a, b in segments)
         row = 0
         for item, a, b in segments:
@@ -235,7 +238,8 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
     ``inference_overrides``. ``workers`` threads read/segment/crop ahead of the models. ``stats``, when
     given, receives seconds per stage, the failed images with their reasons, the final budget level, the
     setup seconds (loading and checks), the number of members and the TTA views, and the model calls
-    (``chunks`` of ``batch_size`` crops, zero-padded) for the ``cells`` predicted.
+    (``chunks`` of ``batch_size`` crops, zero-padded) for the ``cells`` predicted, with each member's share
+    (``member_seconds``, heaviest weight first: the order in which the time budget drops them).
 
     Everything that would fail every image is checked before the first one: the sample submission
     (duplicate IDs; IDs that are not plain names, unless ``bad_ids="keep"`` turns them into empty rows
@@ -298,7 +302,8 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
         stats.update(seconds={k: round(v, 3) for k, v in run.seconds.items()}, images=len(mine),
                      failed=dict(run.failures), level=budget.level, total=round(time.monotonic() - t0, 3),
                      setup=round(setup, 3), members=len(members), tta=list(infer.tta), torch_threads=threads,
-                     chunks=run.chunks, cells=run.cells, batch_size=infer.batch_size)
+                     chunks=run.chunks, cells=run.cells, batch_size=infer.batch_size,
+                     member_seconds={m.name: round(run.member_seconds.get(m.name, 0.0), 3) for m in run.members})
     log.info("wrote %s (%d images, %d empty after problems) in %.1f s", out, len(mine), len(run.failures),
              time.monotonic() - t0)
     return out
