@@ -44,6 +44,8 @@ class SizeTiming:
 
 @dataclass
 class Plan:
+    """Measured timings per image side, the one-off setup, and the time budget's ladder to price."""
+
     sizes: list[SizeTiming]
     setup: float  # model loading + pre-flight, once per kernel
     ladder: list[Level]
@@ -51,8 +53,9 @@ class Plan:
     budget: float
 
     def total(self, level: Level | None = None) -> float:
-        """Projected kernel seconds at ``level`` (default: full settings): the model stage scales with
-        members x TTA views, the rest stays; empty rows cost nothing but the setup."""
+        """Projected kernel seconds at ``level`` (default: full settings): the model stage keeps the
+        measured share of the members the rung keeps, times its share of the TTA views; the rest stays;
+        empty rows cost nothing but the setup."""
         full = self.ladder[0]
         level = level or full
         if level.empty:
