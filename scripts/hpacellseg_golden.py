@@ -79,15 +79,13 @@ def _write16(path: Path, array: np.ndarray) -> None:
 
 
 def _network_input(images: Path, image_id: str, role: str) -> np.ndarray:
-    """The original's pre-processing (rescale 0.25, normalise) of one image, as (1, 3, H, W) float32."""
-    from skimage import transform
+    """The network input of one image (rescale 0.25, normalise), as (1, 3, H, W) float32: hpasc's
+    ``prepare_input``, which the goldens show equal to the original's."""
+    from hpasc.segmentation.hpacellseg import prepare_input
 
     channels = ("blue", "blue", "blue") if role == "nuclei" else ("red", "yellow", "blue")
     image = np.dstack([_read(images / f"{image_id}_{c}.png") for c in channels])
-    image = transform.rescale(image, 0.25, channel_axis=-1).transpose(2, 0, 1)
-    mean = np.array([124, 117, 104], np.float32)[:, None, None] / 255
-    std = np.float32(1 / (0.0167 * 255))
-    return ((image.astype(np.float32) - mean) / std)[None]
+    return prepare_input(image, 0.25)[0].numpy()
 
 
 def _targets(images: Path, image_id: str, role: str, shape: tuple[int, int]) -> np.ndarray:
