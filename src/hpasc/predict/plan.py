@@ -137,10 +137,8 @@ def make_plan(run_dirs: Sequence[os.PathLike | str], sample_submission: os.PathL
                     workers=workers, stats=stats)
             setups.append(stats["setup"])
             timings.append(_timing(side, count, per_size, stats))
-    from ..device import resolve_device
-
     return Plan(timings, float(np.median(setups)), degradation_ladder(stats["members"], stats["tta"]),
-                str(resolve_device(device)), budget)
+                stats["device"], budget)
 
 
 def _timing(side: int, count: int, measured: int, stats: dict) -> SizeTiming:

@@ -237,7 +237,7 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
     strings); the inference settings are the first run's, then the weights file's, then
     ``inference_overrides``. ``workers`` threads read/segment/crop ahead of the models. ``stats``, when
     given, receives seconds per stage, the failed images with their reasons, the final budget level, the
-    setup seconds (loading and checks), the number of members and the TTA views, and the model calls
+    setup seconds (loading and checks), the device, the number of members and the TTA views, the model calls
     (``chunks`` of ``batch_size`` crops, zero-padded) for the ``cells`` predicted, with each member's share
     (``member_seconds``, heaviest weight first: the order in which the time budget drops them).
 
@@ -302,6 +302,7 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
         stats.update(seconds={k: round(v, 3) for k, v in run.seconds.items()}, images=len(mine),
                      failed=dict(run.failures), level=budget.level, total=round(time.monotonic() - t0, 3),
                      setup=round(setup, 3), members=len(members), tta=list(infer.tta), torch_threads=threads,
+                     device=str(device),
                      chunks=run.chunks, cells=run.cells, batch_size=infer.batch_size,
                      member_seconds={m.name: round(run.member_seconds.get(m.name, 0.0), 3) for m in run.members})
     log.info("wrote %s (%d images, %d empty after problems) in %.1f s", out, len(mine), len(run.failures),
