@@ -71,7 +71,7 @@ MAX_IMAGE_SIDE = 16384  # microscopes here give 1728-3072 px; a PNG claiming mor
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _png_size(head: bytes) -> tuple[int, int] | None:
+def png_size(head: bytes) -> tuple[int, int] | None:
     """(height, width) from the first 24 bytes of a PNG (signature + IHDR), None if not a PNG."""
     if len(head) < 24 or head[:8] != _PNG_MAGIC:
         return None
@@ -80,21 +80,27 @@ def _png_size(head: bytes) -> tuple[int, int] | None:
 
 def _truncation(path: Path) -> str | None:
     """Why a PNG or JPEG file (recognised by its content, whatever its name) is cut off or too large to
+    decode, or None (``truncation_problem`` on its first and last bytes)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+        fh.seek(max(0, size - 32))
+        tail = fh.read()
+    return truncation_problem(head, tail)
+
+
+def truncation_problem(head: bytes, tail: bytes) -> str | None:
+    """Why an encoded PNG or JPEG whose first 24 and last 32 bytes are given is cut off or too large to
     decode, or None.
 
     OpenCV decodes a cut-off JPEG without error (the rest grey) and some cut-off PNGs too; a complete
     JPEG ends with the end-of-image marker FFD9, a complete PNG with its IEND chunk. A PNG header
     claiming a side above ``MAX_IMAGE_SIDE`` would inflate to gigabytes and is refused first.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(24)
-        fh.seek(max(0, size - 32))
-        tail = fh.read()
     if head.startswith(_JPEG_MAGIC) and b"\xff\xd9" not in tail:
         return "truncated JPEG (no end-of-image marker)"
     if head[:8] == _PNG_MAGIC:
-        shape = _png_size(head)
+        shape = png_size(head)
         if shape is not None and max(shape) > MAX_IMAGE_SIDE:
             return f"PNG claims {shape[1]}x{shape[0]} px, more than {MAX_IMAGE_SIDE} px a side"
         if b"IEND" not in tail:
@@ -102,30 +108,54 @@ def _truncation(path: Path) -> str | None:
     return None
 
 
-def _read_raw(path: Path) -> np.ndarray:
-    """One channel file -> 2-D array of its stored pixel type."""
-    if not path.is_file():
-        raise ImageReadError(path, "missing channel file")
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            arr = tifffile.imread(path)
-        except Exception as exc:  # tifffile raises many types for corrupt files
-            raise ImageReadError(path, f"unreadable TIFF ({exc})") from exc
-    else:
-        problem = _truncation(path)
-        if problem:
-            raise ImageReadError(path, problem)
-        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if arr is None:
-            raise ImageReadError(path, "unreadable or truncated image file")
+def _single_channel(arr: np.ndarray, path: Path) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.ndim == 3:  # RGB(A) rendering of a single channel: keep the brightest component
         arr = arr[..., :3].max(axis=2)
     if arr.ndim != 2 or arr.size == 0:
         raise ImageReadError(path, f"expected a 2-D single-channel image, got shape {arr.shape}")
     return arr
+
+
+def _read_tiff(source, path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        return tifffile.imread(source)
+    except Exception as exc:  # tifffile raises many types for corrupt files
+        raise ImageReadError(path, f"unreadable TIFF ({exc})") from exc
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    """One channel file -> 2-D array of its stored pixel type."""
+    if not path.is_file():
+        raise ImageReadError(path, "missing channel file")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _single_channel(_read_tiff(path, path), path)
+    problem = _truncation(path)
+    if problem:
+        raise ImageReadError(path, problem)
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageReadError(path, "unreadable or truncated image file")
+    return _single_channel(arr, path)
+
+
+def decode_channel(data: bytes, name: os.PathLike | str) -> np.ndarray:
+    """The encoded bytes of one channel file (PNG, JPEG or TIFF, told by content; ``name`` is for the
+    messages) -> 2-D array of its stored pixel type, with the same completeness checks as a file read."""
+    path = Path(name)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        import io as _bytes_io
+
+        return _single_channel(_read_tiff(_bytes_io.BytesIO(data), path), path)
+    problem = truncation_problem(data[:24], data[-32:])
+    if problem:
+        raise ImageReadError(path, problem)
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageReadError(path, "unreadable or truncated image data")
+    return _single_channel(arr, path)
 
 
 def read_channel(path: os.PathLike | str) -> np.ndarray:
@@ -155,7 +185,7 @@ def image_size(folder: os.PathLike | str, image_id: str) -> tuple[int, int]:
     path = channel_path(folder, image_id, "red")
     if path.suffix.lower() == ".png":
         with open(path, "rb") as fh:
-            shape = _png_size(fh.read(24))
+            shape = png_size(fh.read(24))
         if shape is None:
             raise ImageReadError(path, "not a PNG file")
         return shape

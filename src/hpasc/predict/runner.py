@@ -28,6 +28,7 @@ from .ensemble import (
     resolve_device,
 )
 from .image import Prepared, _row, prepare_image
+from ..sharding import shard_items
 from .shards import PROB_COLUMNS, _finish, parse_shard
 
 log = logging.getLogger(__name__)
@@ -257,7 +258,7 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
         raise PredictError(f"{images_dir}: images folder not found")
     shard = parse_shard(shard)
     ids = list(sample["ID"])
-    mine = ids[shard[0]::shard[1]] if shard else ids
+    mine = shard_items(ids, shard)
     sizes = {r.ID: (int(r.ImageHeight), int(r.ImageWidth)) for r in sample.itertuples(index=False)}
     device = resolve_device(device)
     members, weight_overrides = load_ensemble(run_dirs, weights, device)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import sharding
 from ..fsutil import atomic_path, write_text_atomic
 from ..runs import (  # the out-of-fold format; .cells.csv adds border and rel_area
     PROB_COLUMNS,
@@ -27,19 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def parse_shard(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """``"1/4"`` -> (1, 4): shard 1 (0-based) of 4."""
-    if text is None:
-        return None
-    if isinstance(text, str):
-        try:
-            i, n = (int(v) for v in text.split("/"))
-        except ValueError:
-            raise PredictError(f"shard {text!r}: expected i/n, e.g. 0/4") from None
-    else:
-        i, n = text
-    if not (n >= 1 and 0 <= i < n):
-        raise PredictError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n (0-based)")
-    return i, n
+    """``"1/4"`` -> (1, 4) (``hpasc.sharding``), bad values as ``PredictError``."""
+    return sharding.parse_shard(text, PredictError)
 
 
 def cells_path(out: str | os.PathLike) -> Path:
