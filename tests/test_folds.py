@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hpasc.folds import FoldsError, fold_class_counts, make_folds, write_folds
+from hpasc.folds import FoldsError, fold_class_counts, make_folds, make_group_folds, write_folds
 from hpasc.labels import format_label
 from hpasc.synthetic import sample_label_set
 
@@ -103,3 +103,56 @@ def test_committed_folds_csv_is_the_real_train_split(real_hpa):
     assert list(folds.ID) == list(train.ID) and list(folds.Label) == list(train.Label)
     assert sorted(folds.fold.unique()) == [0, 1, 2, 3, 4]
     assert _balanced(folds)
+
+
+# --------------------------------------------------------------------------- several sources, antibody groups
+
+
+def test_group_folds_keep_groups_whole_hand_case():
+    df = pd.DataFrame({"ID": list("abcdef"), "Label": ["0", "0", "0", "0", "1", "1"],
+                       "antibody": ["A", "A", "B", "B", "C", "D"]})
+    folds = make_group_folds(df, n_folds=2, seed=0)
+    fold = dict(zip(folds.ID, folds.fold))
+    assert fold["a"] == fold["b"] and fold["c"] == fold["d"]  # one antibody, one fold
+    assert fold["a"] != fold["c"] and fold["e"] != fold["f"]  # the only balanced split
+    # images without an antibody are their own groups
+    solo = make_group_folds(df.assign(antibody=["A", "A", "", "", "", ""]), n_folds=2, seed=0)
+    assert solo.fold.nunique() == 2 and solo.fold[0] == solo.fold[1]
+
+
+def test_group_folds_keep_given_folds_and_refuse_split_groups():
+    df = pd.DataFrame({"ID": list("abcd"), "Label": ["0", "0", "1", "1"], "antibody": ["A", "A", "B", "C"]})
+    kept = pd.DataFrame({"ID": ["a", "c"], "fold": [1, 1]})
+    folds = make_group_folds(df, n_folds=2, seed=0, keep=kept)
+    assert list(folds.fold) == [1, 1, 1, 0]  # b follows a's group; d balances class 1
+    with pytest.raises(FoldsError, match="group 'A' has kept images in folds 1 and 0"):
+        make_group_folds(df, n_folds=2, keep=pd.DataFrame({"ID": ["a", "b"], "fold": [1, 0]}))
+    with pytest.raises(FoldsError, match="3 group"):
+        make_group_folds(df, n_folds=4)
+
+
+@pytest.mark.real_data
+def test_public_images_join_the_committed_folds_without_moving_them(real_hpa, tmp_path):
+    """The real train.csv + a public-HPA-like table of 5,000 images from 700 antibodies: the committed
+    folds stay, every antibody lies in one fold, the classes stay balanced over all images."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    antibody = rng.integers(0, 700, n)
+    ext = pd.DataFrame({"ID": [f"{a}_{k}_A1_1" for k, a in enumerate(antibody)],
+                        "Label": [format_label(sample_label_set(rng)) for _ in range(n)],
+                        "source": "hpa_public", "antibody": antibody.astype(str)})
+    ext_csv = tmp_path / "ext.csv"
+    ext.to_csv(ext_csv, index=False)
+    out = tmp_path / "folds.csv"
+    folds = write_folds([real_hpa / "train.csv", ext_csv], out, keep=REPO / "folds.csv")
+    committed = pd.read_csv(REPO / "folds.csv", dtype={"ID": str})
+    assert list(folds.columns) == ["ID", "Label", "source", "antibody", "fold"]
+    comp = folds[folds.source == "competition"]
+    assert list(comp.ID) == list(committed.ID) and list(comp.fold) == list(committed.fold)
+    pub = folds[folds.source == "hpa_public"]
+    assert (pub.groupby("antibody").fold.nunique() == 1).all()
+    counts = fold_class_counts(folds)
+    share = counts / counts.sum(axis=0)
+    assert np.abs(share - 0.2).max() < 0.03, share.round(3)
+    with pytest.raises(FoldsError, match="also in"):
+        write_folds([ext_csv, ext_csv], tmp_path / "x.csv")

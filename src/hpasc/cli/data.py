@@ -29,8 +29,14 @@ def register(subparsers) -> None:
                    "and CSVs are replaced); an earlier synth output is always replaced")
     p.set_defaults(func=_synth)
 
-    p = subparsers.add_parser("folds", help="stratified folds.csv (ID,Label,fold) from a train.csv")
-    p.add_argument("train_csv", help="competition train.csv (ID,Label)")
+    p = subparsers.add_parser(
+        "folds", help="stratified folds.csv (ID,Label,fold) from one or several train CSVs",
+        description="One train.csv: multilabel-stratified folds (how the committed folds.csv is made). "
+        "Several (competition + `hpasc external`), or a group column: images of one antibody in one fold, "
+        "classes balanced; --keep fixes the folds of images already split.")
+    p.add_argument("train_csv", nargs="+", help="train CSVs (ID,Label[,source][,antibody])")
+    p.add_argument("--group", default="antibody", help="column whose images share a fold (default antibody)")
+    p.add_argument("--keep", metavar="FOLDS_CSV", help="keep these images' folds (e.g. the committed folds.csv)")
     p.add_argument("--out", required=True, help="folds CSV to write")
     p.add_argument("--n-folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=42)
@@ -52,7 +58,8 @@ def _synth(args: argparse.Namespace) -> int:
 def _folds(args: argparse.Namespace) -> int:
     from ..folds import write_folds
 
-    folds = write_folds(args.train_csv, args.out, n_folds=args.n_folds, seed=args.seed)
+    folds = write_folds(args.train_csv, args.out, n_folds=args.n_folds, seed=args.seed, group=args.group,
+                        keep=args.keep)
     sizes = folds["fold"].value_counts().sort_index().tolist()
     print(f"wrote {args.out}: {len(folds)} images, fold sizes {sizes}")
     return 0
