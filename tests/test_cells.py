@@ -341,3 +341,43 @@ def test_cli_cells_reports_errors(tmp_path, capsys):
     assert main(["cells", "--images", str(tmp_path), "--masks", str(tmp_path / "none"), "--out",
                  str(tmp_path / "out")]) == 2
     assert "masks folder not found" in capsys.readouterr().err
+
+
+def test_shards_built_on_two_machines_merge_by_file_name(tmp_path, monkeypatch):
+    """Shard 0 and shard 1 cropped in separate folders from separately copied masks (other mtimes), their
+    parts copied together: the merge crops nothing again and equals a one-machine build."""
+    import shutil
+
+    from hpasc.cli import main
+
+    images, masks, ids, labels = make_dataset(tmp_path, n_images=5, size=64)
+    cfg = CellsConfig(size=16)
+    single = build_cell_cache(images, masks, ids, cfg, tmp_path / "single", labels=labels)
+    extracted = []
+    real_extract = cellmod.extract_crops
+    monkeypatch.setattr(cellmod, "extract_crops", lambda *a, **k: extracted.append(1) or real_extract(*a, **k))
+    machines = []
+    for i in range(2):
+        own_masks = tmp_path / f"m{i}" / "masks"
+        shutil.copytree(masks, own_masks)  # mtimes of the copy, not of the original
+        assert build_cell_cache(images, own_masks, ids, cfg, tmp_path / f"m{i}" / "cache", shard=(i, 2)) == [3, 2][i]
+        machines.append(tmp_path / f"m{i}" / "cache")
+    assert len(extracted) == 5
+    assert not (machines[0] / "meta.json").exists()  # a shard writes only its parts
+    merged = tmp_path / "merged"
+    shutil.copytree(machines[0], merged)
+    for part in (machines[1] / "parts").iterdir():
+        shutil.copy(part, merged / "parts")
+    merged_masks = tmp_path / "merged_masks"
+    shutil.copytree(masks, merged_masks)
+    cache = build_cell_cache(images, merged_masks, ids, cfg, merged, labels=labels)
+    assert len(extracted) == 5  # nothing cropped again
+    assert np.array_equal(np.asarray(cache.crops), np.asarray(single.crops))
+    pd.testing.assert_frame_equal(cache.table, single.table)
+    # the CLI: a shard run says where its parts went
+    labels.to_csv(tmp_path / "folds.csv", index=False)
+    assert main(["cells", "--images", str(images), "--masks", str(masks), "--labels", str(tmp_path / "folds.csv"),
+                 "--out", str(tmp_path / "cli"), "--size", "16", "--shard", "1/2"]) == 0
+    assert len(list((tmp_path / "cli" / "parts").glob("*.npy"))) == 2
+    assert main(["cells", "--images", str(images), "--masks", str(masks), "--out", str(tmp_path / "x"),
+                 "--shard", "2/2"]) == 2

@@ -88,6 +88,17 @@ def test_cli_segment(images, tmp_path, capsys):
     assert (out / "b.png").is_file()
 
 
+def test_cli_segment_shards_split_the_images(images, tmp_path, capsys):
+    out = tmp_path / "sharded"
+    assert main(["segment", str(images), "--out", str(out), "--shard", "1/2"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["b.png", "b_nuclei.png"]  # sorted IDs a, b: shard 1 is b
+    assert "1 of 1 images" in capsys.readouterr().out
+    assert main(["segment", str(images), "--out", str(out), "--shard", "0/2"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "a_nuclei.png", "b.png", "b_nuclei.png"]
+    assert main(["segment", str(images), "--out", str(out), "--shard", "0/0"]) == 2
+    assert "shard 0/0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_segment_folder_parallel_workers(images, tmp_path):
     out = tmp_path / "par"

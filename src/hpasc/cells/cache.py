@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..fsutil import atomic_path, read_csv, write_text_atomic
 from ..io import read_image
 from ..paths import check_id
+from ..sharding import shard_items
 from .crops import extract_crops
 from .features import cell_table
 
@@ -76,21 +77,32 @@ def _fingerprint(masks_dir: Path, image_id: str) -> str:
     return "_".join(parts)
 
 
-def _part_paths(parts_dir: Path, image_id: str, key: dict, fp: str) -> tuple[Path, Path]:
-    """Part files named by key + mask fingerprint: a part of other settings is never reused."""
+def _content_digest(masks_dir: Path, image_id: str, key: dict) -> str:
+    """The crop settings and the bytes of an image's masks: what a part's crops are a function of. By
+    content, not by mtime, so parts built on several machines (``hpasc cells --shard``) from copied masks
+    are found again by name."""
+    from ..segmentation.folder import mask_paths
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode())
+    for path in mask_paths(masks_dir, image_id):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _part_paths(parts_dir: Path, image_id: str, digest: str) -> tuple[Path, Path]:
     check_id(image_id, str(parts_dir))
-    digest = hashlib.sha1((json.dumps(key, sort_keys=True) + fp).encode()).hexdigest()[:12]
     return parts_dir / f"{image_id}.{digest}.npy", parts_dir / f"{image_id}.{digest}.csv"
 
 
-def _build_part(job: tuple) -> tuple[str, int]:
-    """Worker: one image -> its crops and table rows as a part file pair. Returns (ID, n cells)."""
-    images_dir, masks_dir, image_id, key, fp, parts_dir = job
+def _build_part(job: tuple) -> tuple[str, int, Path, Path]:
+    """Worker: one image -> its crops and table rows as a part file pair (reused when present).
+    Returns (ID, n cells, crops part, table part)."""
+    images_dir, masks_dir, image_id, key, parts_dir = job
     from ..segmentation import read_masks
 
-    npy_path, csv_path = _part_paths(parts_dir, image_id, key, fp)
-    if npy_path.is_file() and csv_path.is_file():  # done by an interrupted earlier build
-        return image_id, len(np.load(npy_path, mmap_mode="r"))
+    npy_path, csv_path = _part_paths(parts_dir, image_id, _content_digest(masks_dir, image_id, key))
+    if npy_path.is_file() and csv_path.is_file():  # an interrupted earlier build or another shard's
+        return image_id, len(np.load(npy_path, mmap_mode="r")), npy_path, csv_path
     image = read_image(images_dir, image_id)
     cells, nuclei = read_masks(masks_dir, image_id)
     crops = extract_crops(image, cells, key["size"], key["padding"], key["neighbours"])
@@ -100,7 +112,7 @@ def _build_part(job: tuple) -> tuple[str, int]:
             np.save(fh, crops)
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
-    return image_id, len(crops)
+    return image_id, len(crops), npy_path, csv_path
 
 
 def _read_meta(out_dir: Path) -> dict | None:
@@ -116,7 +128,7 @@ def _read_meta(out_dir: Path) -> dict | None:
 def _labels_frame(labels: pd.DataFrame) -> pd.DataFrame:
     if "ID" not in labels or "Label" not in labels:
         raise ValueError(f"labels: expected columns ID, Label[, fold], got {', '.join(map(str, labels.columns))}")
-    cols = ["ID", "Label"] + (["fold"] if "fold" in labels else [])
+    cols = ["ID", "Label"] + [c for c in ("fold", "source") if c in labels]
     frame = labels[cols].drop_duplicates("ID").reset_index(drop=True)
     frame["ID"] = frame["ID"].astype(str)
     frame["Label"] = [None if pd.isna(v) else str(v) for v in frame["Label"]]  # unlabelled stays empty
@@ -133,17 +145,28 @@ def _write_labels(out_dir: Path, labels: pd.DataFrame | None) -> None:
         write_text_atomic(path, text)
 
 
-def build_cell_cache(images_dir: os.PathLike | str, masks_dir: os.PathLike | str, ids: list[str],
+def _images_folder(images_dir, image_id: str) -> Path:
+    """The folder holding an image: one folder for all, or a mapping ID -> folder (several sources)."""
+    if isinstance(images_dir, (str, os.PathLike)):
+        return Path(images_dir)
+    return Path(images_dir[image_id])
+
+
+def build_cell_cache(images_dir, masks_dir: os.PathLike | str, ids: list[str],
                      cells_cfg: Any, out_dir: os.PathLike | str, labels: pd.DataFrame | None = None,
-                     workers: int = 1) -> CellCache:
+                     workers: int = 1, shard: tuple[int, int] | str | None = None) -> CellCache | int:
     """Crops + cell table of ``ids`` into ``out_dir`` (incremental) and the loaded cache.
 
-    Nothing is recomputed when the key and every image's mask fingerprint match; images that are new
-    or re-segmented are processed (up to ``workers`` processes, at least ``MIN_IMAGES_PER_WORKER``
-    images each) and merged with the crops still valid.
-    ``labels`` (ID, Label[, fold]) are stored beside the crops and joined to the table on load.
+    ``images_dir`` is one folder or a mapping ID -> folder (images of several sources). Nothing is
+    recomputed when the key and every image's mask fingerprint match; images that are new or
+    re-segmented are processed (up to ``workers`` processes, at least ``MIN_IMAGES_PER_WORKER`` images
+    each) into per-image parts and merged with the crops still valid, streamed into one memory-mapped
+    file. ``labels`` (ID, Label[, fold][, source]) are stored beside the crops and joined to the table on
+    load. With ``shard`` only that shard's parts are built (``out_dir/parts/``, named by content) and
+    their number returned: a later run without ``shard`` over the same folder (parts of every shard
+    copied in) merges them without recomputing.
     """
-    images_dir, masks_dir, out_dir = Path(images_dir), Path(masks_dir), Path(out_dir)
+    masks_dir, out_dir = Path(masks_dir), Path(out_dir)
     ids = [str(i) for i in ids]
     if len(set(ids)) != len(ids):
         raise ValueError("build_cell_cache: ids contain duplicates")
@@ -154,33 +177,37 @@ def build_cell_cache(images_dir: os.PathLike | str, masks_dir: os.PathLike | str
     old_ok = (meta is not None and meta.get("key") == key and (out_dir / meta.get("crops", "")).is_file()
               and (out_dir / TABLE_NAME).is_file())  # a lost table means "rebuild", as a broken meta does
     old_images: dict = meta["images"] if old_ok else {}
-    if old_ok and meta.get("ids") == ids and all(old_images.get(i, {}).get("fp") == fps[i] for i in ids):
+    if shard is None and old_ok and meta.get("ids") == ids and all(old_images.get(i, {}).get("fp") == fps[i] for i in ids):
         _write_labels(out_dir, labels)
         return load_cell_cache(out_dir)
 
     parts_dir = out_dir / "parts"
     parts_dir.mkdir(exist_ok=True)
     reuse = {i for i in ids if old_images.get(i, {}).get("fp") == fps[i]}
-    todo = [i for i in ids if i not in reuse]
-    jobs = [(images_dir, masks_dir, i, key, fps[i], parts_dir) for i in todo]
+    todo = [i for i in shard_items(ids, shard) if i not in reuse]
+    jobs = [(_images_folder(images_dir, i), masks_dir, i, key, parts_dir) for i in todo]
     counts: dict[str, int] = {i: int(old_images[i]["count"]) for i in reuse}
+    parts: dict[str, tuple[Path, Path]] = {}
     bar = dict(total=len(jobs), desc="cells", unit="img", disable=None)
     workers = min(workers, len(jobs) // MIN_IMAGES_PER_WORKER)
     if workers > 1:
         # spawn, not fork: the caller may hold torch/OpenMP threads that a forked child would deadlock on
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            for image_id, n in tqdm(pool.map(_build_part, jobs, chunksize=1), **bar):
-                counts[image_id] = n
+            results = list(tqdm(pool.map(_build_part, jobs, chunksize=1), **bar))
     else:
-        for image_id, n in tqdm(map(_build_part, jobs), **bar):
-            counts[image_id] = n
-    _consolidate(out_dir, ids, fps, counts, reuse, key, meta if old_ok else None, parts_dir)
+        results = list(tqdm(map(_build_part, jobs), **bar))
+    for image_id, n, npy_path, csv_path in results:
+        counts[image_id] = n
+        parts[image_id] = (npy_path, csv_path)
+    if shard is not None:
+        return len(results)
+    _consolidate(out_dir, ids, fps, counts, reuse, key, meta if old_ok else None, parts, parts_dir)
     _write_labels(out_dir, labels)
     return load_cell_cache(out_dir)
 
 
 def _consolidate(out_dir: Path, ids: list[str], fps: dict, counts: dict, reuse: set, key: dict,
-                 old_meta: dict | None, parts_dir: Path) -> None:
+                 old_meta: dict | None, parts: dict[str, tuple[Path, Path]], parts_dir: Path) -> None:
     """Write one crops file + table in ``ids`` order from reused rows and new parts; meta.json last."""
     size = key["size"]
     total = sum(counts[i] for i in ids)
@@ -201,8 +228,8 @@ def _consolidate(out_dir: Path, ids: list[str], fps: dict, counts: dict, reuse: 
                 dest[row:row + n] = old_crops[start:start + n]
                 tables.append(old_table.iloc[start:start + n])
             else:
-                npy_path, csv_path = _part_paths(parts_dir, image_id, key, fps[image_id])
-                dest[row:row + n] = np.load(npy_path)
+                npy_path, csv_path = parts[image_id]
+                dest[row:row + n] = np.load(npy_path, mmap_mode="r")
                 tables.append(pd.read_csv(csv_path, dtype={"ID": str}))
             images[image_id] = {"fp": fps[image_id], "start": row, "count": n}
             row += n
@@ -237,7 +264,7 @@ def load_cell_cache(out_dir: os.PathLike | str, mmap: bool = True) -> CellCache:
     labels_path = out_dir / LABELS_NAME
     if labels_path.is_file():
         labels = pd.read_csv(labels_path, dtype={"ID": str, "Label": str})
-        table = table.drop(columns=[c for c in ("Label", "fold") if c in table]).merge(labels, on="ID", how="left")
+        table = table.drop(columns=[c for c in ("Label", "fold", "source") if c in table]).merge(labels, on="ID", how="left")
     return CellCache(root=out_dir, table=table, crops=crops, key=meta["key"])
 
 
@@ -248,9 +275,10 @@ def masked_ids(masks_dir: os.PathLike | str) -> list[str]:
 
 def build_cells(images_dir: os.PathLike | str, masks_dir: os.PathLike | str, out_dir: os.PathLike | str,
                 cells_cfg: Any, labels_csv: os.PathLike | str | None = None, max_images: int | None = None,
-                workers: int = 1) -> CellCache:
+                workers: int = 1, shard: tuple[int, int] | str | None = None) -> CellCache | int:
     """``hpasc cells``: the cache of every image listed in ``labels_csv`` (ID, Label[, fold]), or of
-    every image with masks when no labels are given; ``max_images`` keeps the first N."""
+    every image with masks when no labels are given; ``max_images`` keeps the first N; ``shard`` builds
+    only that shard's parts (``build_cell_cache``)."""
     if not Path(masks_dir).is_dir():
         raise FileNotFoundError(f"{masks_dir}: masks folder not found (run `hpasc segment` first)")
     labels = None
@@ -269,4 +297,5 @@ def build_cells(images_dir: os.PathLike | str, masks_dir: os.PathLike | str, out
         ids = ids[:max_images]
     if not ids:
         raise ValueError(f"no images to process (labels {labels_csv}, masks {masks_dir})")
-    return build_cell_cache(images_dir, masks_dir, ids, cells_cfg, out_dir, labels=labels, workers=workers)
+    return build_cell_cache(images_dir, masks_dir, ids, cells_cfg, out_dir, labels=labels, workers=workers,
+                            shard=shard)

@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--neighbours", choices=("keep", "zero", "blur"), help="other cells inside a crop")
     p.add_argument("--max-images", type=int, help="only the first N images")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--shard", metavar="I/N", help="build only shard I (0-based) of N as per-image parts in "
+                   "OUT/parts/; a run without --shard (all shards' parts copied into OUT/parts/) merges them")
     p.set_defaults(func=_run)
 
 
@@ -33,7 +35,11 @@ def _run(args: argparse.Namespace) -> int:
     if changes:
         cells_cfg = replace(cells_cfg, **changes)
     cache = build_cells(args.images, args.masks, args.out, cells_cfg, labels_csv=args.labels,
-                        max_images=args.max_images, workers=args.workers)
+                        max_images=args.max_images, workers=args.workers, shard=args.shard)
+    if args.shard:
+        print(f"shard {args.shard}: {cache} image(s) cropped into {args.out}/parts "
+              "(merge: the same command without --shard)")
+        return 0
     n_images = cache.table["ID"].nunique() if len(cache.table) else 0
     print(f"{len(cache)} cells of {n_images} images -> {cache.root}")
     return 0

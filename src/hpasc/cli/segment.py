@@ -11,6 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default=None, help="classic (default) | hpacellseg | cellpose")
     p.add_argument("--ids", default=None, metavar="CSV", help="only the IDs of this CSV (ID column)")
     p.add_argument("--workers", type=int, default=1, help="images segmented in parallel")
+    p.add_argument("--shard", metavar="I/N", help="segment only shard I (0-based) of N of the images; "
+                   "the shards' masks combine by file name")
     p.add_argument("--overlay", action="store_true", help="also save outline pictures in MASKS_DIR/overlay")
     p.add_argument("--config", default=None, help="experiment YAML whose segmentation section is used")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -43,8 +45,11 @@ def _run(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"segmentation.backend={args.backend}"] if args.backend else [])
     cfg = load_config(args.config, overrides).segmentation
-    done = segment_folder(args.images_dir, args.out, cfg, ids=args.ids, workers=args.workers,
+    from ..sharding import shard_items
+
+    wanted = shard_items(read_id_list(args.ids) if args.ids else list_image_ids(args.images_dir), args.shard)
+    done = segment_folder(args.images_dir, args.out, cfg, ids=wanted, workers=args.workers,
                           overlay=args.overlay)
-    wanted = len(read_id_list(args.ids) if args.ids else list_image_ids(args.images_dir))
+    wanted = len(wanted)
     print(f"{len(done)} of {wanted} images segmented in {args.out}")
     return 0 if len(done) == wanted else 1
