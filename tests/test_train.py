@@ -436,3 +436,44 @@ def test_a_corrupt_checkpoint_is_a_named_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"last\.pt: not an hpasc checkpoint"):
         load_checkpoint(bad)
     assert is_user_error(CheckpointError("x"))  # the CLI prints it as one line
+
+
+@pytest.mark.slow
+def test_training_on_competition_plus_public_images(synth_small, tmp_path):
+    """``data.sources``: public-HPA-like images in another folder join training — folds made over both
+    with antibodies whole, crops from both folders, the source weight in the sampler, validation of the
+    source optional."""
+    from hpasc.cli import main
+    from hpasc.synthetic import synthesize
+    from hpasc.training.fold_data import prepare_cells
+
+    ext = tmp_path / "ext"
+    synthesize(ext, n_train=6, n_test=1, size=256, seed=11)
+    table = pd.read_csv(ext / "train.csv", dtype=str)
+    assert not set(table.ID) & set(pd.read_csv(synth_small / "train.csv").ID)
+    table.assign(source="hpa_public", antibody=["ab0", "ab0", "ab1", "ab1", "ab2", "ab2"]).to_csv(
+        ext / "train.csv", index=False)
+    work = tmp_path / "work"
+    base = [f"data.root={synth_small}", "data.folds_csv=absent.csv", f"data.work_dir={work}",
+            f"train.out_dir={tmp_path / 'runs'}", "train.folds=[0, 1]", "cells.size=32", "train.num_workers=0",
+            f"data.sources=[{{name: hpa_public, root: '{ext}', weight: 0.25}}]"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", base)
+    cache, images_dir, masks_dir = prepare_cells(cfg)
+    folds = pd.read_csv(work / "folds.csv", dtype=str)
+    assert len(folds) == 14 and set(folds.source) == {"competition", "hpa_public"}
+    assert (folds[folds.source == "hpa_public"].groupby("antibody").fold.nunique() == 1).all()
+    assert set(cache.table.ID) == set(folds.ID)  # segmented and cropped from both folders
+    assert images_dir[table.ID[0]] == ext / "train" and images_dir[folds.ID[0]] == synth_small / "train"
+    fd = fold_data(cfg, 0, cache, images_dir, masks_dir)
+    train_sources = cache.table.loc[fd.train_rows, "source"]
+    assert set(np.unique(fd.train_weights)) == {0.25, 1.0}
+    assert np.array_equal(fd.train_weights == 0.25, (train_sources == "hpa_public").to_numpy())
+    no_val = load_config(REPO / "configs" / "tiny.yaml",
+                         base[:-1] + [f"data.sources=[{{name: hpa_public, root: '{ext}', validate: false}}]"])
+    fd_no_val = fold_data(no_val, 0, cache, images_dir, masks_dir)
+    assert fd_no_val.train_weights is None  # weight 1 everywhere: the plain shuffle
+    assert set(cache.table.loc[fd_no_val.val_rows, "source"]) == {"competition"}
+    assert main(["train", str(REPO / "configs" / "tiny.yaml"), "--fold", "0", *base, "train.epochs=1"]) == 0
+    assert (tmp_path / "runs" / "tiny" / "fold0" / "best.pt").is_file()
+    bad = base[:-1] + [f"data.sources=[{{name: x, root: '{tmp_path / 'nope'}'}}]"]
+    assert main(["train", str(REPO / "configs" / "tiny.yaml"), "--fold", "0", *bad]) == 2

@@ -29,6 +29,17 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """A further training source beside the competition data, e.g. public HPA images (``hpasc external``)."""
+
+    name: str = "hpa_public"
+    root: str = ""  # folder with train/ and train.csv (the competition layout)
+    train_csv: str = "train.csv"  # relative to root unless absolute
+    weight: float = 1.0  # sampling weight of its cells relative to the competition's (1.0)
+    validate: bool = True  # False: its images in a fold's validation part are left out of that fold
+
+
+@dataclass(frozen=True)
 class DataConfig:
     root: str | None = None  # competition data root (train/, train.csv); None -> hpasc.paths.data_root()
     train_csv: str = "train.csv"  # relative to root unless absolute
@@ -36,6 +47,9 @@ class DataConfig:
     work_dir: str = "work"  # caches: masks/, cells/ (segmentation and crops are computed once)
     truth_csv: str | None = None  # cell-level truth (synthetic data) -> competition mAP in validation
     max_images: int | None = None  # use only the first N images (smoke runs)
+    # further sources; the folds file then covers them all (made by `hpasc folds` over every train.csv,
+    # antibodies grouped, when absent)
+    sources: tuple[SourceConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -250,6 +264,7 @@ def _length(n: int) -> _Rule:
 # "<Section class>.<field>" -> its rule(s); None values (where allowed) are not tested.
 _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "DataConfig.max_images": _at_least(1),
+    "SourceConfig.weight": _at_least(0),
     "SegmentationConfig.scale": _within(0.01, 1.0),
     "SegmentationConfig.min_cell_area": _at_least(0),
     "SegmentationConfig.min_nucleus_area": _at_least(0),

@@ -9,6 +9,7 @@ reduced to its brightest component).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
@@ -30,6 +31,17 @@ class ImageReadError(OSError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+def image_folder(images: os.PathLike | str | Mapping[str, os.PathLike | str], image_id: str) -> Path:
+    """The folder holding an image's channel files: one folder for every image, or a mapping
+    ID -> folder (training images of several sources)."""
+    if isinstance(images, (str, os.PathLike)):
+        return Path(images)
+    try:
+        return Path(images[image_id])
+    except KeyError:
+        raise ImageReadError(Path(f"{image_id}_red.png"), "image of no known source folder") from None
 
 
 def channel_path(folder: os.PathLike | str, image_id: str, color: str) -> Path:

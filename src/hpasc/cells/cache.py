@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..fsutil import atomic_path, read_csv, write_text_atomic
-from ..io import read_image
+from ..io import image_folder, read_image
 from ..paths import check_id
 from ..sharding import shard_items
 from .crops import extract_crops
@@ -145,13 +145,6 @@ def _write_labels(out_dir: Path, labels: pd.DataFrame | None) -> None:
         write_text_atomic(path, text)
 
 
-def _images_folder(images_dir, image_id: str) -> Path:
-    """The folder holding an image: one folder for all, or a mapping ID -> folder (several sources)."""
-    if isinstance(images_dir, (str, os.PathLike)):
-        return Path(images_dir)
-    return Path(images_dir[image_id])
-
-
 def build_cell_cache(images_dir, masks_dir: os.PathLike | str, ids: list[str],
                      cells_cfg: Any, out_dir: os.PathLike | str, labels: pd.DataFrame | None = None,
                      workers: int = 1, shard: tuple[int, int] | str | None = None) -> CellCache | int:
@@ -185,7 +178,7 @@ def build_cell_cache(images_dir, masks_dir: os.PathLike | str, ids: list[str],
     parts_dir.mkdir(exist_ok=True)
     reuse = {i for i in ids if old_images.get(i, {}).get("fp") == fps[i]}
     todo = [i for i in shard_items(ids, shard) if i not in reuse]
-    jobs = [(_images_folder(images_dir, i), masks_dir, i, key, parts_dir) for i in todo]
+    jobs = [(image_folder(images_dir, i), masks_dir, i, key, parts_dir) for i in todo]
     counts: dict[str, int] = {i: int(old_images[i]["count"]) for i in reuse}
     parts: dict[str, tuple[Path, Path]] = {}
     bar = dict(total=len(jobs), desc="cells", unit="img", disable=None)

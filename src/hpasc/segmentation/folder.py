@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import SegmentationConfig
 from ..fsutil import read_csv
-from ..io import CHANNELS, EXTENSIONS, ImageReadError, read_image, write_png_atomic
+from ..io import CHANNELS, EXTENSIONS, ImageReadError, image_folder, read_image, write_png_atomic
 from ..paths import check_id, is_plain_id
 from .base import Segmentation, segment
 
@@ -152,7 +152,8 @@ def segment_folder(images_dir: os.PathLike | str, out_dir: os.PathLike | str,
                    cfg: SegmentationConfig | None = None,
                    ids: Sequence[str] | str | os.PathLike | None = None,
                    workers: int = 1, overlay: bool = False) -> list[str]:
-    """Segment every image of ``images_dir`` (or the given IDs / ID CSV) into ``out_dir``.
+    """Segment every image of ``images_dir`` (or the given IDs / ID CSV) into ``out_dir``. ``images_dir``
+    may also map each of the given IDs to its folder (``hpasc.io.image_folder``).
 
     Images already done (both PNGs present) are skipped. Returns the IDs whose masks are present at the
     end, in input order; failures are warned about and left out.
@@ -161,7 +162,7 @@ def segment_folder(images_dir: os.PathLike | str, out_dir: os.PathLike | str,
     id_list = list_image_ids(images_dir) if ids is None else read_id_list(ids)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     todo = [i for i in id_list if not all(p.is_file() for p in mask_paths(out_dir, i))]
-    tasks = [(str(images_dir), str(out_dir), i, cfg, overlay) for i in todo]
+    tasks = [(str(image_folder(images_dir, i)), str(out_dir), i, cfg, overlay) for i in todo]
     failed: set[str] = set()
     bar = dict(total=len(tasks), desc="segment", unit="img", disable=None)
     results: Iterable[tuple[str, str | None]]
@@ -175,6 +176,6 @@ def segment_folder(images_dir: os.PathLike | str, out_dir: os.PathLike | str,
     for image_id, error in results:
         if error is not None:
             failed.add(image_id)
-            warnings.warn(f"{Path(images_dir) / image_id}: segmentation failed, skipped ({error})",
+            warnings.warn(f"{image_folder(images_dir, image_id) / image_id}: segmentation failed, skipped ({error})",
                           RuntimeWarning, stacklevel=2)
     return [i for i in id_list if i not in failed and all(p.is_file() for p in mask_paths(out_dir, i))]

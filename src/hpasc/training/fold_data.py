@@ -36,17 +36,59 @@ class FoldData:
     val_rows: np.ndarray  # crop rows of all cells of the validation images, image by image
     val_targets: np.ndarray  # (n_val, 19): the image labels of each cell
     masks_dir: Path
-    images_dir: Path
+    images_dir: Path | dict[str, Path]  # one folder, or ID -> folder with several sources
+    train_weights: np.ndarray | None = None  # per training row: its source's sampling weight (data.sources)
 
     @property
     def val_table(self) -> pd.DataFrame:
         return self.table.loc[self.val_rows]
 
 
-def read_folds(cfg: Config) -> pd.DataFrame:
-    """``data.folds_csv`` (ID, Label, fold); made from ``data.train_csv`` into the work dir when absent."""
-    from ..folds import make_folds
+def _source_csv(cfg: Config, source) -> Path:
+    path = Path(source.train_csv)
+    path = path if path.is_absolute() else Path(source.root) / path
+    if not path.is_file():
+        raise TrainDataError(f"data.sources {source.name}: train CSV {path} not found")
+    return path
 
+
+def image_sources(cfg: Config) -> dict[str, tuple[str, Path]]:
+    """ID -> (source name, images folder) for the images of every ``data.sources`` entry (read from its
+    train CSV); an image listed by none is a competition image (``data.root``'s ``train/``)."""
+    out: dict[str, tuple[str, Path]] = {}
+    for source in cfg.data.sources:
+        csv = _source_csv(cfg, source)
+        ids = read_csv(csv, "train CSV", TrainDataError, dtype={"ID": str}, usecols=["ID"])["ID"]
+        for image_id in ids:
+            if image_id in out:
+                raise TrainDataError(f"{csv}: image {image_id!r} is also in source {out[image_id][0]}")
+            out[image_id] = (source.name, Path(source.root) / "train")
+    return out
+
+
+def _make_folds(cfg: Config, train_csv: Path) -> Path:
+    """Folds of the competition images (and of every ``data.sources`` image, antibodies grouped) into the
+    work dir."""
+    from ..folds import make_folds, write_folds
+
+    n_folds = max(max(cfg.train.folds, default=0) + 1, 2)
+    folds_path = runs.folds_file(cfg.data.work_dir)
+    if cfg.data.sources:
+        write_folds([train_csv, *(_source_csv(cfg, s) for s in cfg.data.sources)], folds_path,
+                    n_folds=n_folds, seed=cfg.train.seed)
+        return folds_path
+    df = read_csv(train_csv, "train CSV", TrainDataError, dtype={"ID": str, "Label": str})
+    folds = make_folds(df, n_folds=n_folds, seed=cfg.train.seed, source=str(train_csv))
+    from ..fsutil import atomic_path
+
+    with atomic_path(folds_path) as tmp:
+        folds.to_csv(tmp, index=False)
+    return folds_path
+
+
+def read_folds(cfg: Config) -> pd.DataFrame:
+    """``data.folds_csv`` (ID, Label, fold); made from ``data.train_csv`` (and the sources' train CSVs)
+    into the work dir when absent."""
     root = data_root(cfg.data.root)
     folds_path = runs.resolve_data_file(cfg, cfg.data.folds_csv)
     if folds_path is None:
@@ -54,14 +96,7 @@ def read_folds(cfg: Config) -> pd.DataFrame:
         if train_csv is None:
             raise TrainDataError(f"neither folds ({cfg.data.folds_csv}) nor train csv ({cfg.data.train_csv}) "
                                  f"found under {root} or the working directory")
-        n_folds = max(max(cfg.train.folds, default=0) + 1, 2)
-        df = read_csv(train_csv, "train CSV", TrainDataError, dtype={"ID": str, "Label": str})
-        folds = make_folds(df, n_folds=n_folds, seed=cfg.train.seed, source=str(train_csv))
-        folds_path = runs.folds_file(cfg.data.work_dir)
-        from ..fsutil import atomic_path
-
-        with atomic_path(folds_path) as tmp:
-            folds.to_csv(tmp, index=False)
+        folds_path = _make_folds(cfg, train_csv)
     folds = read_csv(folds_path, "folds CSV", TrainDataError, dtype={"ID": str, "Label": str})
     missing = [c for c in ("ID", "Label", "fold") if c not in folds]
     if missing:
@@ -81,14 +116,27 @@ def read_folds(cfg: Config) -> pd.DataFrame:
     folds["fold"] = fold_values.astype(int)
     if cfg.data.max_images is not None:
         folds = folds.iloc[:cfg.data.max_images]
-    images_dir = root / "train"
-    if len(folds) and not any(images_dir.glob(f"{folds['ID'].iloc[0]}_*")):
-        raise TrainDataError(f"{folds_path}: image {folds['ID'].iloc[0]} not found in {images_dir} "
-                             "(folds file of another dataset?)")
+    sources = image_sources(cfg)
+    folds["source"] = [sources.get(i, ("competition",))[0] for i in folds["ID"]]
+    for name, first in folds.groupby("source", sort=False)["ID"].first().items():
+        folder = sources[first][1] if first in sources else root / "train"
+        if not any(folder.glob(f"{first}_*")):
+            raise TrainDataError(f"{folds_path}: image {first} ({name}) not found in {folder} "
+                                 "(folds file of another dataset?)")
     return folds.reset_index(drop=True)
 
 
-def ensure_masks(cfg: Config, ids: list[str], images_dir: Path, masks_dir: Path) -> list[str]:
+def training_images(cfg: Config, ids: list[str]) -> Path | dict[str, Path]:
+    """Where the training images are: ``data.root``'s ``train/``, or with ``data.sources`` a mapping
+    ID -> folder (``hpasc.io.image_folder``)."""
+    main = data_root(cfg.data.root) / "train"
+    if not cfg.data.sources:
+        return main
+    sources = image_sources(cfg)
+    return {i: sources[i][1] if i in sources else main for i in ids}
+
+
+def ensure_masks(cfg: Config, ids: list[str], images_dir, masks_dir: Path) -> list[str]:
     """Segment the training images once; returns the IDs that have masks (failures are left out)."""
     from ..segmentation.folder import mask_paths, segment_folder
 
@@ -109,16 +157,17 @@ def prepare_cells(cfg: Config, build: bool = True):
     DDP ranks need neither the folds file nor the masks, which rank 0 has just made)."""
     from ..cells import build_cell_cache, load_cell_cache
 
-    images_dir = data_root(cfg.data.root) / "train"
     masks_dir = runs.masks_dir(cfg.data.work_dir, "train")
     cache_dir = runs.cells_cache_dir(cfg.data.work_dir, cfg.segmentation.backend, cfg.cells)
     if build:
         folds = read_folds(cfg)
+        images_dir = training_images(cfg, folds["ID"].tolist())
         ids = ensure_masks(cfg, folds["ID"].tolist(), images_dir, masks_dir)
         cache = build_cell_cache(images_dir, masks_dir, ids, cfg.cells, cache_dir, labels=folds,
                                  workers=max(cfg.train.num_workers, 1))
     else:
         cache = load_cell_cache(cache_dir)
+        images_dir = training_images(cfg, list(dict.fromkeys(cache.table["ID"].astype(str))))
     return cache, images_dir, masks_dir
 
 
@@ -162,7 +211,20 @@ def fold_data(cfg: Config, fold: int, cache, images_dir: Path, masks_dir: Path, 
 
         train_targets = round_targets(cfg, round_, table, np.asarray(train_rows), train_targets).targets
     val = labelled[fold_col == fold]
+    weights = None
+    if cfg.data.sources:
+        by_name = {s.name: s for s in cfg.data.sources}
+        source = table["source"] if "source" in table else pd.Series("competition", index=table.index)
+        skip = [s.name for s in cfg.data.sources if not s.validate]
+        val = val[~source.loc[val.index].isin(skip)]
+        weight_of = {name: s.weight for name, s in by_name.items()}
+        weights = source.loc[train_rows].map(lambda n: weight_of.get(n, 1.0)).to_numpy(np.float64)
+        if not (weights > 0).any():
+            raise TrainDataError(f"fold {fold}: every training cell has sampling weight 0 (data.sources weights)")
+        if (weights == 1.0).all():  # equal weights: keep the plain shuffle (without replacement)
+            weights = None
     return FoldData(
         crops=cache.crops, table=table, train_rows=np.asarray(train_rows, np.int64),
         train_targets=np.asarray(train_targets, np.float32), val_rows=val.index.to_numpy(np.int64),
-        val_targets=multihot_matrix(val["Label"].astype(str)), masks_dir=masks_dir, images_dir=images_dir)
+        val_targets=multihot_matrix(val["Label"].astype(str)), masks_dir=masks_dir, images_dir=images_dir,
+        train_weights=weights)

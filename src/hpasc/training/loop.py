@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -180,6 +181,8 @@ class Trainer:
         dataset = CellDataset(data.crops, data.train_targets, build_transform(cfg.cells, train=True, seed=tc.seed),
                               indices=data.train_rows)
         weights = class_balance_weights(data.train_targets, cfg.cells.balance_cap) if cfg.cells.balance else None
+        if data.train_weights is not None:  # the sources' sampling weights (data.sources)
+            weights = data.train_weights * (1.0 if weights is None else np.asarray(weights, np.float64))
         per_rank = None
         if tc.max_steps_per_epoch is not None:
             per_rank = min(len(dataset) // self.info.world, tc.max_steps_per_epoch * tc.accum_steps * tc.batch_size)
