@@ -131,6 +131,27 @@ def test_group_folds_keep_given_folds_and_refuse_split_groups():
         make_group_folds(df, n_folds=4)
 
 
+def test_cli_folds_over_two_csvs(tmp_path, capsys):
+    from hpasc.cli import main
+
+    comp = pd.DataFrame({"ID": [f"c{i}" for i in range(6)], "Label": ["0", "1"] * 3})
+    pub = pd.DataFrame({"ID": [f"p{i}" for i in range(6)], "Label": ["0", "1"] * 3, "source": "hpa_public",
+                        "antibody": ["A", "A", "B", "B", "C", "C"]})
+    comp.to_csv(tmp_path / "train.csv", index=False)
+    pub.to_csv(tmp_path / "pub.csv", index=False)
+    make_folds(comp, n_folds=2, seed=0).to_csv(tmp_path / "folds.csv", index=False)
+    assert main(["folds", str(tmp_path / "train.csv"), str(tmp_path / "pub.csv"), "--n-folds", "2",
+                 "--keep", str(tmp_path / "folds.csv"), "--out", str(tmp_path / "all.csv")]) == 0
+    assert "12 images" in capsys.readouterr().out
+    both = pd.read_csv(tmp_path / "all.csv")
+    assert list(both.columns) == ["ID", "Label", "source", "antibody", "fold"]
+    assert list(both.fold[:6]) == list(pd.read_csv(tmp_path / "folds.csv").fold)
+    assert (both[both.source == "hpa_public"].groupby("antibody").fold.nunique() == 1).all()
+    assert main(["folds", str(tmp_path / "train.csv"), "--keep", str(tmp_path / "train.csv"),
+                 "--out", str(tmp_path / "x.csv")]) == 2
+    assert "expected columns ID,fold" in capsys.readouterr().err
+
+
 @pytest.mark.real_data
 def test_public_images_join_the_committed_folds_without_moving_them(real_hpa, tmp_path):
     """The real train.csv + a public-HPA-like table of 5,000 images from 700 antibodies: the committed
