@@ -194,10 +194,11 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
-def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path):
+@pytest.mark.parametrize("augment", ["standard", "standard_batch"])
+def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, augment):
     from hpasc.train import train_on
 
-    cfg = tiny_cfg(tmp_path, "train.accum_steps=2", "train.ema=0.9", "train.epochs=2")
+    cfg = tiny_cfg(tmp_path, "train.accum_steps=2", "train.ema=0.9", "train.epochs=2", f"cells.augment={augment}")
     data = hand_made_fold()
     # 36 training cells -> 4 batches of 8 = 2 optimizer steps per epoch
     full = train_on(cfg, data, tmp_path / "full")
@@ -214,6 +215,17 @@ def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path):
     la, lb = pd.read_csv(full / "log.csv"), pd.read_csv(part / "log.csv")
     cols = ["epoch", "lr", "bce", "triplet", "val_loss", "val_map"]
     pd.testing.assert_frame_equal(la[cols], lb[cols])
+
+
+def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path):
+    from hpasc.train import train_on
+
+    run = train_on(tiny_cfg(tmp_path, "train.epochs=5", "train.val_every=2"), hand_made_fold(), tmp_path / "r")
+    log = pd.read_csv(run / "log.csv")
+    assert list(log["epoch"]) == [1, 2, 3, 4, 5] and log["bce"].notna().all()
+    assert list(log.loc[log["val_map"].notna(), "epoch"]) == [2, 4, 5]
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] in (2, 4, 5)
+    assert (run / "curves.png").stat().st_size > 0 and (run / "oof.csv").is_file()
 
 
 def test_early_stopping_and_a_finished_run_resumes_to_nothing(tmp_path):

@@ -129,6 +129,7 @@ class TrainConfig:
     checkpoint_every: int | None = 50  # optimizer steps between mid-epoch last.pt saves (resume)
     select_metric: str = "auto"  # best.pt by: auto (comp_map if data.truth_csv else map) | comp_map | map | auc
     val_batch_size: int | None = None  # None -> 2 x batch_size
+    val_every: int = 1  # validate after every N-th epoch and after the last (best.pt is chosen among those)
     deterministic: bool = False  # deterministic kernels (resume reproduces an uninterrupted run bit for bit)
     threads: int | None = None  # torch CPU threads while training (None: torch's default)
     group_by_image: bool | None = None  # batches of whole images; None -> on exactly when model.image_head
@@ -301,6 +302,7 @@ _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "TrainConfig.min_lr_ratio": _within(0, 1),
     "TrainConfig.checkpoint_every": _at_least(1),
     "TrainConfig.val_batch_size": _at_least(1),
+    "TrainConfig.val_every": _at_least(1),
     "TrainConfig.threads": _at_least(1),
     "PseudoConfig.rounds": _within(0, 20),
     "PseudoConfig.power": _above(0),

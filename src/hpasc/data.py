@@ -196,12 +196,21 @@ def _preset_strong() -> list:
     ]
 
 
-# preset name (CellsConfig.augment) -> factory of the list of transforms
-AUGMENTATIONS: dict[str, Callable[[], list]] = {
+def _preset_standard_batch():
+    """``standard``'s kinds and amounts of change, drawn per crop but applied to the whole batch in torch
+    on its device (``hpasc.batch_augment``): no per-crop Python work in the data loader."""
+    from .batch_augment import BatchAugment
+
+    return BatchAugment()
+
+
+# preset name (CellsConfig.augment) -> factory of the list of per-crop transforms, or of a BatchAugment
+AUGMENTATIONS: dict[str, Callable[[], Any]] = {
     "none": _preset_none,
     "light": _preset_light,
     "standard": _preset_standard,
     "strong": _preset_strong,
+    "standard_batch": _preset_standard_batch,
 }
 
 
@@ -213,6 +222,7 @@ class CellTransform:
         self.mean = np.asarray(mean, dtype=np.float32)
         self.inv_std = 1.0 / np.asarray(std, dtype=np.float32)
         self.augment = A.Compose(augment) if augment else None
+        self.batch_augment = None  # a BatchAugment the training loop applies to each batch (its own seed)
         self.reseed(seed)
 
     def reseed(self, seed: int | None) -> None:
@@ -270,6 +280,10 @@ def build_transform(cells_cfg: Any, train: bool, seed: int | None = None) -> Cel
     if cells_cfg.augment not in AUGMENTATIONS:
         raise ValueError(f"cells.augment={cells_cfg.augment!r}: expected one of {', '.join(AUGMENTATIONS)}")
     augment = AUGMENTATIONS[cells_cfg.augment]() if train else None
+    if augment is not None and not isinstance(augment, list):  # a batch augmentation
+        transform = CellTransform(cells_cfg.mean, cells_cfg.std, None, seed=seed)
+        transform.batch_augment = augment.with_normalisation(cells_cfg.mean, cells_cfg.std)
+        return transform
     return CellTransform(cells_cfg.mean, cells_cfg.std, augment, seed=seed)
 
 

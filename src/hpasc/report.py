@@ -108,7 +108,8 @@ def plot_curves(logs: dict[int, pd.DataFrame], title: str, path: str | os.PathLi
         for ax, cols in ((ax_loss, CURVE_LOSSES), (ax_score, CURVE_SCORES)):
             for col in cols:
                 if col in log.columns and log[col].notna().any():
-                    ax.plot(log["epoch"], log[col], linestyle=styles[i % len(styles)], color=colours[col],
+                    known = log[log[col].notna()]  # train.val_every: validation only on some epochs
+                    ax.plot(known["epoch"], known[col], linestyle=styles[i % len(styles)], color=colours[col],
                             marker="o", markersize=3, label=f"{col} fold {fold}")
     ax_loss.set_title(f"{title}: losses")
     ax_score.set_title(f"{title}: validation")

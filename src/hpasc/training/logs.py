@@ -31,14 +31,16 @@ def plot_curves(path: Path, rows: list[dict], title: str = "") -> None:
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
     for col, label in (("bce", "train BCE"), ("triplet", "train triplet"), ("val_loss", "val BCE")):
         if col in frame and frame[col].notna().any():
-            ax_loss.plot(frame["epoch"], frame[col], marker="o", label=label)
+            rows_ = frame[frame[col].notna()]  # validation columns exist only on validated epochs
+            ax_loss.plot(rows_["epoch"], rows_[col], marker="o", label=label)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_title("loss")
     ax_loss.legend()
     for col, label in (("val_map", "cell proxy mAP"), ("val_auc", "cell proxy AUC"),
                        ("val_comp_map", "competition mAP")):
         if col in frame and frame[col].notna().any():
-            ax_score.plot(frame["epoch"], frame[col], marker="o", label=label)
+            rows_ = frame[frame[col].notna()]
+            ax_score.plot(rows_["epoch"], rows_[col], marker="o", label=label)
     ax_score.set_xlabel("epoch")
     ax_score.set_ylim(0, 1)
     ax_score.set_title("validation")

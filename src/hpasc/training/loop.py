@@ -32,7 +32,7 @@ from ..models import build_model, unwrap
 from .distributed import DistInfo, barrier, broadcast_object, mean_over_ranks
 from .fold_data import FoldData
 from .logs import plot_curves, write_log
-from .sampling import EpochSampler, SeededItems
+from .sampling import EpochSampler, SeededItems, _mix
 from .state import (
     CheckpointError,
     ModelEma,
@@ -307,6 +307,10 @@ class Trainer:
             batch = {**batch, "group": torch.unique(self.image_codes[batch["index"]], return_inverse=True)[1]}
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         x = batch["image"]
+        augment = getattr(self.loader.dataset.transform, "batch_augment", None)
+        if augment is not None:  # seeded by (seed, epoch, batch, rank): a resumed run draws the same
+            p, info = self.progress, self.info
+            x = augment(x, _mix(self.cfg.train.seed, p.epoch, p.batch * info.world + info.rank))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         sync = self.model.no_sync() if (self.info.distributed and accumulating) else nullcontext()
@@ -334,12 +338,19 @@ class Trainer:
         p.step += 1
 
     def _end_epoch(self) -> None:
-        """Validate (rank 0), log, keep the best weights, decide on early stopping, save last.pt."""
+        """Validate (rank 0; every ``train.val_every`` epochs and after the last), log, keep the best
+        weights, decide on early stopping (``patience`` counts validations), save last.pt."""
         tc, p = self.cfg.train, self.progress
         sums = mean_over_ranks(torch.tensor(p.sums, dtype=torch.float64), self.info).tolist()
         row = {"epoch": p.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                "bce": sums[0] / max(sums[2], 1), "triplet": sums[1] / max(sums[2], 1)}
-        if self.info.is_main:
+        validate = (p.epoch + 1) % tc.val_every == 0 or p.epoch + 1 >= tc.epochs
+        if self.info.is_main and not validate:  # log the training losses only
+            row["seconds"] = round(p.seconds, 2)
+            p.history.append(row)
+            write_log(self.run_dir / runs.LOG_FILE, p.history)
+            tqdm.write(f"{self.cfg.name} {self.run_dir.name} {_describe(row)}", file=sys.stderr)
+        elif self.info.is_main:
             started = time.perf_counter()
             metrics, probs = evaluate(self.eval_model, self.data.crops, self.data.val_rows, self.data.val_targets,
                                       self.cfg, self.device, self.scorer)

@@ -147,12 +147,16 @@ class SeededItems(Dataset):
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
         self.transform = getattr(dataset, "transform", None)
+        # nothing random per item (no augmentation, or a batch augmentation): no reseeding to pay for
+        self.random = getattr(self.transform, "augment", True) is not None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
         epoch, index = key
+        if not self.random:
+            return self.dataset[index]
         if torch.utils.data.get_worker_info() is not None:
             seed_item(self.seed, epoch, index, self.transform)
             return self.dataset[index]
