@@ -358,8 +358,11 @@ def test_shards_built_on_two_machines_merge_by_file_name(tmp_path, monkeypatch):
     monkeypatch.setattr(cellmod, "extract_crops", lambda *a, **k: extracted.append(1) or real_extract(*a, **k))
     machines = []
     for i in range(2):
-        own_masks = tmp_path / f"m{i}" / "masks"
-        shutil.copytree(masks, own_masks)  # mtimes of the copy, not of the original
+        own_masks = tmp_path / f"m{i}" / "masks"  # only this shard's masks, copied (other mtimes)
+        own_masks.mkdir(parents=True)
+        for image_id in ids[i::2]:
+            for path in masks.glob(f"{image_id}*.png"):
+                shutil.copy(path, own_masks)
         assert build_cell_cache(images, own_masks, ids, cfg, tmp_path / f"m{i}" / "cache", shard=(i, 2)) == [3, 2][i]
         machines.append(tmp_path / f"m{i}" / "cache")
     assert len(extracted) == 5

@@ -165,7 +165,8 @@ def build_cell_cache(images_dir, masks_dir: os.PathLike | str, ids: list[str],
         raise ValueError("build_cell_cache: ids contain duplicates")
     out_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(cells_cfg)
-    fps = {i: _fingerprint(masks_dir, i) for i in ids}
+    mine = shard_items(ids, shard)  # a shard's machine may hold only its own shard's masks
+    fps = {i: _fingerprint(masks_dir, i) for i in mine}
     meta = _read_meta(out_dir)
     old_ok = (meta is not None and meta.get("key") == key and (out_dir / meta.get("crops", "")).is_file()
               and (out_dir / TABLE_NAME).is_file())  # a lost table means "rebuild", as a broken meta does
@@ -176,8 +177,8 @@ def build_cell_cache(images_dir, masks_dir: os.PathLike | str, ids: list[str],
 
     parts_dir = out_dir / "parts"
     parts_dir.mkdir(exist_ok=True)
-    reuse = {i for i in ids if old_images.get(i, {}).get("fp") == fps[i]}
-    todo = [i for i in shard_items(ids, shard) if i not in reuse]
+    reuse = {i for i in mine if old_images.get(i, {}).get("fp") == fps[i]}
+    todo = [i for i in mine if i not in reuse]
     jobs = [(image_folder(images_dir, i), masks_dir, i, key, parts_dir) for i in todo]
     counts: dict[str, int] = {i: int(old_images[i]["count"]) for i in reuse}
     parts: dict[str, tuple[Path, Path]] = {}
