@@ -93,12 +93,16 @@ def png_size(head: bytes) -> tuple[int, int] | None:
 def _truncation(path: Path) -> str | None:
     """Why a PNG or JPEG file (recognised by its content, whatever its name) is cut off or too large to
     decode, or None (``truncation_problem`` on its first and last bytes)."""
+    return truncation_problem(*read_ends(path))
+
+
+def read_ends(path: Path) -> tuple[bytes, bytes]:
+    """A file's first 24 and last 32 bytes: what ``png_size`` and ``truncation_problem`` read."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(24)
         fh.seek(max(0, size - 32))
-        tail = fh.read()
-    return truncation_problem(head, tail)
+        return head, fh.read()
 
 
 def truncation_problem(head: bytes, tail: bytes) -> str | None:

@@ -47,9 +47,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides).segmentation
     from ..sharding import shard_items
 
-    wanted = shard_items(read_id_list(args.ids) if args.ids else list_image_ids(args.images_dir), args.shard)
-    done = segment_folder(args.images_dir, args.out, cfg, ids=wanted, workers=args.workers,
+    ids = shard_items(read_id_list(args.ids) if args.ids else list_image_ids(args.images_dir), args.shard)
+    done = segment_folder(args.images_dir, args.out, cfg, ids=ids, workers=args.workers,
                           overlay=args.overlay)
-    wanted = len(wanted)
-    print(f"{len(done)} of {wanted} images segmented in {args.out}")
-    return 0 if len(done) == wanted else 1
+    print(f"{len(done)} of {len(ids)} images segmented in {args.out}")
+    return 0 if len(done) == len(ids) else 1

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..fsutil import atomic_path, write_text_atomic
-from ..io import CHANNELS, ImageReadError, png_size, decode_channel, truncation_problem, write_png_atomic
+from ..io import CHANNELS, ImageReadError, png_size, decode_channel, read_ends, truncation_problem, write_png_atomic
 from ..paths import check_id
 from ..sharding import parse_shard, shard_items, shard_tag
 from .listing import SOURCE, Selection, read_listing
@@ -213,11 +213,7 @@ def is_complete(train_dir: Path, image_id: str) -> bool:
     """All four PNGs present and complete (signature, IHDR and IEND: written whole by a rename)."""
     for path in png_paths(train_dir, image_id):
         try:
-            size = path.stat().st_size
-            with open(path, "rb") as fh:
-                head = fh.read(24)
-                fh.seek(max(0, size - 32))
-                tail = fh.read()
+            head, tail = read_ends(path)
         except OSError:
             return False
         if png_size(head) is None or truncation_problem(head, tail):

@@ -132,12 +132,12 @@ def read_listing(path: os.PathLike | str, include_trainset: bool = False, cell_l
     if missing:
         raise ListingError(f"{path}: missing column(s) {', '.join(missing)}; a listing needs Image and Label "
                            f"(columns found: {', '.join(map(str, df.columns))})")
-    if classes is not None:
-        for k in classes:
-            if not 0 <= int(k) < len(CLASS_NAMES):
-                raise ListingError(f"class filter {k}: not a class id (0..{len(CLASS_NAMES) - 1})")
+    wanted_classes = None if classes is None else {int(k) for k in classes}
+    for k in sorted(wanted_classes or ()):
+        if not 0 <= k < len(CLASS_NAMES):
+            raise ListingError(f"class filter {k}: not a class id (0..{len(CLASS_NAMES) - 1})")
     wanted_lines = {_norm(c) for c in cell_lines} if cell_lines else None
-    counts = Counter()
+    counts = Counter(rows=0)  # rows first in the summary
     unknown: Counter = Counter()
     rows, seen = [], set()
     bad_rows = []
@@ -170,7 +170,7 @@ def read_listing(path: os.PathLike | str, include_trainset: bool = False, cell_l
         if wanted_lines is not None and _norm(cell_line) not in wanted_lines:
             counts["other cell lines"] += 1
             continue
-        if classes is not None and not set(ids) & {int(k) for k in classes}:
+        if wanted_classes is not None and not set(ids) & wanted_classes:
             counts["other classes"] += 1
             continue
         antibody = str(rec.get("Antibody", "")).strip() or image_id.split("_", 1)[0]
@@ -185,6 +185,4 @@ def read_listing(path: os.PathLike | str, include_trainset: bool = False, cell_l
         rows = rows[:max_images]
     counts["selected"] = len(rows)
     images = pd.DataFrame(rows, columns=["ID", "url", "Label", "Cellline", "antibody"])
-    ordered = {"rows": counts.pop("rows", 0)}
-    ordered.update(counts)
-    return Selection(images=images, counts=ordered, unknown_locations=unknown)
+    return Selection(images=images, counts=dict(counts), unknown_locations=unknown)

@@ -69,20 +69,12 @@ def image_sources(cfg: Config) -> dict[str, tuple[str, Path]]:
 def _make_folds(cfg: Config, train_csv: Path) -> Path:
     """Folds of the competition images (and of every ``data.sources`` image, antibodies grouped) into the
     work dir."""
-    from ..folds import make_folds, write_folds
+    from ..folds import write_folds
 
     n_folds = max(max(cfg.train.folds, default=0) + 1, 2)
     folds_path = runs.folds_file(cfg.data.work_dir)
-    if cfg.data.sources:
-        write_folds([train_csv, *(_source_csv(cfg, s) for s in cfg.data.sources)], folds_path,
-                    n_folds=n_folds, seed=cfg.train.seed)
-        return folds_path
-    df = read_csv(train_csv, "train CSV", TrainDataError, dtype={"ID": str, "Label": str})
-    folds = make_folds(df, n_folds=n_folds, seed=cfg.train.seed, source=str(train_csv))
-    from ..fsutil import atomic_path
-
-    with atomic_path(folds_path) as tmp:
-        folds.to_csv(tmp, index=False)
+    write_folds([train_csv, *(_source_csv(cfg, s) for s in cfg.data.sources)], folds_path,
+                n_folds=n_folds, seed=cfg.train.seed)
     return folds_path
 
 
@@ -126,14 +118,15 @@ def read_folds(cfg: Config) -> pd.DataFrame:
     return folds.reset_index(drop=True)
 
 
-def training_images(cfg: Config, ids: list[str]) -> Path | dict[str, Path]:
-    """Where the training images are: ``data.root``'s ``train/``, or with ``data.sources`` a mapping
-    ID -> folder (``hpasc.io.image_folder``)."""
+def training_images(cfg: Config, table: pd.DataFrame) -> Path | dict[str, Path]:
+    """Where the images of ``table`` (ID and, with ``data.sources``, source: as ``read_folds`` gives)
+    are: ``data.root``'s ``train/``, or with ``data.sources`` a mapping ID -> folder
+    (``hpasc.io.image_folder``)."""
     main = data_root(cfg.data.root) / "train"
-    if not cfg.data.sources:
+    if not cfg.data.sources or "source" not in table:
         return main
-    sources = image_sources(cfg)
-    return {i: sources[i][1] if i in sources else main for i in ids}
+    folder = {s.name: Path(s.root) / "train" for s in cfg.data.sources}
+    return {str(i): folder.get(name, main) for i, name in zip(table["ID"], table["source"])}
 
 
 def ensure_masks(cfg: Config, ids: list[str], images_dir, masks_dir: Path) -> list[str]:
@@ -161,13 +154,13 @@ def prepare_cells(cfg: Config, build: bool = True):
     cache_dir = runs.cells_cache_dir(cfg.data.work_dir, cfg.segmentation.backend, cfg.cells)
     if build:
         folds = read_folds(cfg)
-        images_dir = training_images(cfg, folds["ID"].tolist())
+        images_dir = training_images(cfg, folds)
         ids = ensure_masks(cfg, folds["ID"].tolist(), images_dir, masks_dir)
         cache = build_cell_cache(images_dir, masks_dir, ids, cfg.cells, cache_dir, labels=folds,
                                  workers=max(cfg.train.num_workers, 1))
     else:
         cache = load_cell_cache(cache_dir)
-        images_dir = training_images(cfg, list(dict.fromkeys(cache.table["ID"].astype(str))))
+        images_dir = training_images(cfg, cache.table.drop_duplicates("ID"))
     return cache, images_dir, masks_dir
 
 
@@ -213,11 +206,10 @@ def fold_data(cfg: Config, fold: int, cache, images_dir: Path, masks_dir: Path, 
     val = labelled[fold_col == fold]
     weights = None
     if cfg.data.sources:
-        by_name = {s.name: s for s in cfg.data.sources}
         source = table["source"] if "source" in table else pd.Series("competition", index=table.index)
         skip = [s.name for s in cfg.data.sources if not s.validate]
         val = val[~source.loc[val.index].isin(skip)]
-        weight_of = {name: s.weight for name, s in by_name.items()}
+        weight_of = {s.name: s.weight for s in cfg.data.sources}
         weights = source.loc[train_rows].map(lambda n: weight_of.get(n, 1.0)).to_numpy(np.float64)
         if not (weights > 0).any():
             raise TrainDataError(f"fold {fold}: every training cell has sampling weight 0 (data.sources weights)")

@@ -163,6 +163,8 @@ class Trainer:
                             if cfg.model.image_head else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.loader, self.sampler = self._train_loader()
+        # the batch half of the augmentation (cells.augment: standard_batch), applied on the device
+        self.batch_augment = getattr(self.loader.dataset.transform, "batch_augment", None)
         self.batches = self.sampler.batches_per_epoch()
         self.steps_per_epoch = math.ceil(self.batches / tc.accum_steps)
         self.total_steps = self.steps_per_epoch * tc.epochs
@@ -307,10 +309,9 @@ class Trainer:
             batch = {**batch, "group": torch.unique(self.image_codes[batch["index"]], return_inverse=True)[1]}
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         x = batch["image"]
-        augment = getattr(self.loader.dataset.transform, "batch_augment", None)
-        if augment is not None:  # seeded by (seed, epoch, batch, rank): a resumed run draws the same
+        if self.batch_augment is not None:  # seeded by (seed, epoch, batch, rank): a resumed run draws the same
             p, info = self.progress, self.info
-            x = augment(x, _mix(self.cfg.train.seed, p.epoch, p.batch * info.world + info.rank))
+            x = self.batch_augment(x, _mix(self.cfg.train.seed, p.epoch, p.batch * info.world + info.rank))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         sync = self.model.no_sync() if (self.info.distributed and accumulating) else nullcontext()
