@@ -147,6 +147,34 @@ def test_two_touching_cells_are_separated():
     np.testing.assert_allclose(seg.rel_area, 1.0, atol=0.05)
 
 
+def test_merge_undivided_joins_split_nuclei_without_a_dip_between_their_cells():
+    from hpasc.segmentation.classic import merge_undivided
+
+    cells = np.zeros((20, 40), np.int32)
+    cells[:, :20], cells[:, 20:] = 1, 2
+    cells[0], cells[-1] = 0, 0
+    nuclei = np.zeros_like(cells)
+    nuclei[7:13, 14:20], nuclei[7:13, 20:26] = 1, 2  # one blob split in two
+    yy, xx = np.mgrid[:20, :40]
+    bright_middle = 1 - np.hypot(yy - 9.5, xx - 19.5) / 40  # one cell: brightest round its nuclei
+    merged = merge_undivided(cells, nuclei, bright_middle, 1.1)
+    assert set(np.unique(merged)) == {0, 1} and (merged[cells > 0] == 1).all()
+    # the same with a dark line where two membranes meet: two cells
+    dip = bright_middle.copy()
+    dip[:, 19:21] = 0.2
+    np.testing.assert_array_equal(merge_undivided(cells, nuclei, dip, 1.1), cells)
+    # nuclei that do not touch are never merged, however bright the boundary
+    apart = nuclei.copy()
+    apart[:, 20:22] = 0
+    np.testing.assert_array_equal(merge_undivided(cells, apart, bright_middle, 1.1), cells)
+    # the threshold is the ratio: boundary mean / dimmer cytoplasm mean (hand-computed here)
+    boundary = bright_middle[1:-1, 19:21][~((yy[1:-1, 19:21] >= 7) & (yy[1:-1, 19:21] < 13))].mean()
+    inside = bright_middle[(cells == 1) & (nuclei == 0)].mean()
+    ratio = boundary / inside
+    assert (merge_undivided(cells, nuclei, bright_middle, ratio * 0.999).max() == 1
+            and merge_undivided(cells, nuclei, bright_middle, ratio * 1.001).max() == 2)
+
+
 def test_non_square_image_keeps_its_geometry():
     img, truth = two_cell_image()
     wide = np.zeros((256, 400, 4), np.float32)
