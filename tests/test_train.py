@@ -389,7 +389,7 @@ def test_cli_trains_a_fold_of_synthetic_data_end_to_end(synth_small, tmp_path):
     args = ["train", str(REPO / "configs" / "tiny.yaml"), "--fold", "1",
             f"data.root={synth_small}", f"data.folds_csv={tmp_path / 'folds.csv'}", f"data.work_dir={tmp_path}",
             f"data.truth_csv={synth_small / 'truth' / 'train.csv'}", f"train.out_dir={tmp_path / 'runs'}",
-            "train.epochs=2", "train.num_workers=0", "cells.size=48", "pseudo.rounds=1"]
+            "train.epochs=2", "train.val_every=1", "train.num_workers=0", "cells.size=48", "pseudo.rounds=1"]
     assert main(args) == 0
     run = tmp_path / "runs" / "tiny" / "fold1"
     log = pd.read_csv(run / "log.csv")

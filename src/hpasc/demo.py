@@ -103,7 +103,7 @@ def baseline_rows(masks_dir: Path, image_probs: dict[str, np.ndarray]) -> dict[s
     return rows
 
 
-def run_demo(work: str | Path, n_train: int = 256, n_test: int = 48, size: int = 512, seed: int = 0,
+def run_demo(work: str | Path, n_train: int = 320, n_test: int = 48, size: int = 512, seed: int = 0,
              folds: tuple[int, ...] | None = None, n_folds: int = 3, config_path: str | Path | None = None,
              overrides: tuple[str, ...] = (), verbose: bool = True, data_dir: str | Path | None = None) -> dict:
     """Run the whole pipeline in ``work``; returns (and writes) ``demo_result.json``.

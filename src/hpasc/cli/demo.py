@@ -10,7 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None,
                    help="an existing competition-layout folder (train/, test/, train.csv, sample_submission.csv; "
                    "scored and cell-evaluated when truth/test.csv exists) instead of a synthetic world")
-    p.add_argument("--train", type=int, default=None, help="synthetic training images (default 256)")
+    p.add_argument("--train", type=int, default=None, help="synthetic training images (default 320)")
     p.add_argument("--test", type=int, default=None, help="synthetic test images")
     p.add_argument("--size", type=int, default=None, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
