@@ -363,6 +363,20 @@ def test_read_folds_made_from_train_csv_and_mismatch_error(tmp_path):
         read_folds(load_config(None, [f"data.root={root}"]))
 
 
+def test_source_names_tell_sources_apart(tmp_path):
+    from hpasc.training.fold_data import source_folders
+
+    cfg = tiny_cfg(tmp_path, f"data.root={tmp_path / 'comp'}",
+                   f"data.sources=[{{name: hpa_public, root: '{tmp_path / 'ext'}'}}]")
+    assert source_folders(cfg) == {"competition": tmp_path / "comp" / "train", "hpa_public": tmp_path / "ext" / "train"}
+    reserved = tiny_cfg(tmp_path, f"data.sources=[{{name: competition, root: '{tmp_path / 'ext'}'}}]")
+    with pytest.raises(TrainDataError, match="'competition' is reserved for the competition images"):
+        source_folders(reserved)
+    twice = tiny_cfg(tmp_path, f"data.sources=[{{name: a, root: '{tmp_path}'}}, {{name: a, root: '{tmp_path}'}}]")
+    with pytest.raises(TrainDataError, match="'a' is given to two sources"):
+        source_folders(twice)
+
+
 def test_fold_data_splits_a_cache(tmp_path):
     from hpasc.cells import CellCache
 

@@ -22,6 +22,9 @@ from .fsutil import atomic_path, read_csv
 from .labels import NUM_CLASSES, LabelError, multihot_matrix
 
 
+COMPETITION = "competition"  # the source name of the competition images in label tables
+
+
 class FoldsError(ValueError):
     """A train table that cannot be split (missing columns, duplicate IDs, too few images...)."""
 
@@ -147,7 +150,7 @@ def read_label_tables(csvs: list[os.PathLike | str]) -> pd.DataFrame:
                 raise FoldsError(f"{path}: image {image_id!r} is also in {where[image_id]}")
             where[image_id] = path
         if "source" not in df:
-            df["source"] = "competition"
+            df["source"] = COMPETITION
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .. import runs
 from ..config import Config
+from ..folds import COMPETITION, write_folds
 from ..fsutil import read_csv
 from ..labels import LabelError, multihot_matrix, parse_label
 from ..paths import data_root, is_plain_id
@@ -52,25 +53,37 @@ def _source_csv(cfg: Config, source) -> Path:
     return path
 
 
-def image_sources(cfg: Config) -> dict[str, tuple[str, Path]]:
-    """ID -> (source name, images folder) for the images of every ``data.sources`` entry (read from its
-    train CSV); an image listed by none is a competition image (``data.root``'s ``train/``)."""
-    out: dict[str, tuple[str, Path]] = {}
+def source_folders(cfg: Config) -> dict[str, Path]:
+    """Source name -> its images folder: ``COMPETITION`` -> ``data.root``'s ``train/``, each
+    ``data.sources`` entry -> its root's ``train/``. Sources are told apart by name (folders, sampling
+    weights, validation), so a repeated or reserved name is an error."""
+    folders = {COMPETITION: data_root(cfg.data.root) / "train"}
+    for source in cfg.data.sources:
+        if source.name in folders:
+            raise TrainDataError(f"data.sources: the name {source.name!r} is "
+                                 + ("reserved for the competition images" if source.name == COMPETITION
+                                    else "given to two sources"))
+        folders[source.name] = Path(source.root) / "train"
+    return folders
+
+
+def image_sources(cfg: Config) -> dict[str, str]:
+    """ID -> source name for the images of every ``data.sources`` entry (read from its train CSV); an
+    image listed by none is a competition image."""
+    out: dict[str, str] = {}
     for source in cfg.data.sources:
         csv = _source_csv(cfg, source)
         ids = read_csv(csv, "train CSV", TrainDataError, dtype={"ID": str}, usecols=["ID"])["ID"]
         for image_id in ids:
             if image_id in out:
-                raise TrainDataError(f"{csv}: image {image_id!r} is also in source {out[image_id][0]}")
-            out[image_id] = (source.name, Path(source.root) / "train")
+                raise TrainDataError(f"{csv}: image {image_id!r} is also in source {out[image_id]}")
+            out[image_id] = source.name
     return out
 
 
 def _make_folds(cfg: Config, train_csv: Path) -> Path:
     """Folds of the competition images (and of every ``data.sources`` image, antibodies grouped) into the
     work dir."""
-    from ..folds import write_folds
-
     n_folds = max(max(cfg.train.folds, default=0) + 1, 2)
     folds_path = runs.folds_file(cfg.data.work_dir)
     write_folds([train_csv, *(_source_csv(cfg, s) for s in cfg.data.sources)], folds_path,
@@ -108,10 +121,11 @@ def read_folds(cfg: Config) -> pd.DataFrame:
     folds["fold"] = fold_values.astype(int)
     if cfg.data.max_images is not None:
         folds = folds.iloc[:cfg.data.max_images]
+    folders = source_folders(cfg)
     sources = image_sources(cfg)
-    folds["source"] = [sources.get(i, ("competition",))[0] for i in folds["ID"]]
+    folds["source"] = [sources.get(i, COMPETITION) for i in folds["ID"]]
     for name, first in folds.groupby("source", sort=False)["ID"].first().items():
-        folder = sources[first][1] if first in sources else root / "train"
+        folder = folders[name]
         if not any(folder.glob(f"{first}_*")):
             raise TrainDataError(f"{folds_path}: image {first} ({name}) not found in {folder} "
                                  "(folds file of another dataset?)")
@@ -122,11 +136,10 @@ def training_images(cfg: Config, table: pd.DataFrame) -> Path | dict[str, Path]:
     """Where the images of ``table`` (ID and, with ``data.sources``, source: as ``read_folds`` gives)
     are: ``data.root``'s ``train/``, or with ``data.sources`` a mapping ID -> folder
     (``hpasc.io.image_folder``)."""
-    main = data_root(cfg.data.root) / "train"
+    folders = source_folders(cfg)
     if not cfg.data.sources or "source" not in table:
-        return main
-    folder = {s.name: Path(s.root) / "train" for s in cfg.data.sources}
-    return {str(i): folder.get(name, main) for i, name in zip(table["ID"], table["source"])}
+        return folders[COMPETITION]
+    return {str(i): folders.get(name, folders[COMPETITION]) for i, name in zip(table["ID"], table["source"])}
 
 
 def ensure_masks(cfg: Config, ids: list[str], images_dir, masks_dir: Path) -> list[str]:
@@ -206,7 +219,7 @@ def fold_data(cfg: Config, fold: int, cache, images_dir: Path, masks_dir: Path, 
     val = labelled[fold_col == fold]
     weights = None
     if cfg.data.sources:
-        source = table["source"] if "source" in table else pd.Series("competition", index=table.index)
+        source = table["source"] if "source" in table else pd.Series(COMPETITION, index=table.index)
         skip = [s.name for s in cfg.data.sources if not s.validate]
         val = val[~source.loc[val.index].isin(skip)]
         weight_of = {s.name: s.weight for s in cfg.data.sources}
