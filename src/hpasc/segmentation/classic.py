@@ -168,10 +168,10 @@ class ClassicBackend(Backend):
         cells = watershed(elevation, nuclei, mask=fg).astype(np.int32)
         if p.merge_ratio is None:
             return cells
-        cyto = chans[..., [0, 2]][..., signal[[0, 2]]]  # red and yellow: the cytoplasm, not the nucleus
-        if cyto.shape[-1] == 0:
+        cyto = signal & np.array([True, False, True])  # red and yellow: the cytoplasm, not the nucleus
+        if not cyto.any():
             return cells
-        cyto_intensity = _blur((cyto / top[[0, 2]][signal[[0, 2]]]).mean(axis=2), p.cell_sigma)
+        cyto_intensity = _blur((chans[..., cyto] / top[cyto]).mean(axis=2), p.cell_sigma)
         return merge_undivided(cells, nuclei, cyto_intensity, p.merge_ratio)
 
 
@@ -196,7 +196,7 @@ def merge_undivided(cells: np.ndarray, nuclei: np.ndarray, intensity: np.ndarray
     on_boundary = (ca != cb) & (ca > 0) & (cb > 0) & (na == 0) & (nb == 0)
     code = (np.minimum(ca, cb).astype(np.int64) * n + np.maximum(ca, cb))[on_boundary]
     keep = np.isin(code, candidates)
-    code, values = code[keep], ((ia + ib) / 2)[on_boundary][keep]
+    code, values = code[keep], (ia[on_boundary][keep] + ib[on_boundary][keep]) / 2
     if len(code) == 0:
         return cells
     pairs, inverse, length = np.unique(code, return_inverse=True, return_counts=True)
