@@ -131,3 +131,27 @@ def test_combine_grouped_equals_per_image_combine(agg, recipe, negative):
         rows = ids == name
         np.testing.assert_allclose(out[rows], combine(probs[rows], c, border[rows], rel[rows]), atol=1e-6)
     assert combine_grouped(np.zeros((0, 19)), np.array([]), c).shape == (0, 19)
+
+
+def test_relative_stain_against_the_images_90th_percentile():
+    from hpasc.confidence import relative_stain
+
+    # 90th percentile of (0, 10, 20, 30, 40) with linear interpolation = 36
+    assert relative_stain(np.array([0, 10, 20, 30, 40], np.uint16)) == pytest.approx([0, 10 / 36, 20 / 36, 30 / 36, 1])
+    assert relative_stain(np.array([5.0])) == pytest.approx([1.0])  # one cell is its own reference
+    assert relative_stain(np.zeros(3)).tolist() == [0.0, 0.0, 0.0]  # no signal at all: every cell unstained
+    assert relative_stain(np.zeros(0)).shape == (0,)
+
+
+def test_stain_negative_needs_no_class_and_no_signal():
+    from hpasc.confidence import stain_negative
+
+    probs = np.zeros((3, 19), np.float32)
+    probs[0, 4] = 0.9  # stained and called: stays as it is
+    probs[1, 4] = 0.1  # calls nothing, dim (stain 0.2): Negative 0.9 * 0.8
+    probs[2, 18] = 0.95  # the model's own Negative wins when higher
+    out = stain_negative(probs, np.array([1.0, 0.2, 0.5]))
+    assert out[:, 18] == pytest.approx([0.0, 0.9 * 0.8, 0.95])
+    assert np.array_equal(np.delete(out, 18, 1), np.delete(probs, 18, 1)) and probs[1, 18] == 0  # a copy
+    with pytest.raises(ValueError, match="stain"):
+        stain_negative(probs, np.ones(2))

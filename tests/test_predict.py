@@ -245,6 +245,32 @@ def test_predict_writes_a_valid_submission_and_cell_probs(synth_small, runs, mas
         assert n_masks == len(p)  # every cell written (floor 0: all 19 classes of each cell)
 
 
+def test_stain_negative_raises_negative_of_the_unstained_cells_only(synth_small, runs, masks, tmp_path):
+    from hpasc.cells.features import cell_channel_max
+    from hpasc.confidence import relative_stain, stain_negative
+    from hpasc.io import read_image
+    from hpasc.segmentation import read_masks
+
+    # a model that calls no class (every probability ~0.05), so the dim cells' Negative can rise
+    quiet = tmp_path / "runs" / "tiny"
+    shutil.copytree(runs, quiet)
+    for best in quiet.glob("fold*/best.pt"):
+        state = torch.load(best, weights_only=True)
+        state["model"]["classifier.bias"].fill_(-3.0)
+        state["model"]["classifier.weight"].zero_()
+        torch.save(state, best)
+    plain = P.load_cell_probs(run_predict(quiet, synth_small, tmp_path / "plain.csv", masks))
+    stained = P.load_cell_probs(run_predict(quiet, synth_small, tmp_path / "stain.csv", masks,
+                                            inference_overrides=["stain_negative=true"]))
+    raised = 0
+    for image_id, p in plain.items():
+        cells = read_masks(masks, image_id)[0]
+        stain = relative_stain(cell_channel_max(read_image(synth_small / "test", image_id), cells))
+        assert np.allclose(stained[image_id], stain_negative(p, stain), atol=1e-6)
+        raised += int((stained[image_id][:, 18] > p[:, 18] + 1e-3).sum())
+    assert raised > 0  # the synthetic Negative cells have no green: some cells are raised
+
+
 def test_cli_predict_matches_the_library_and_weights_change_nothing_when_equal(synth_small, runs, masks,
                                                                                tmp_path):
     from hpasc.cli import main

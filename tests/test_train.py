@@ -194,11 +194,12 @@ def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("augment", ["standard", "standard_batch"])
-def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, augment):
+@pytest.mark.parametrize("augment,mil", [("standard", 0), ("standard_batch", 0), ("standard", 1)])
+def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, augment, mil):
     from hpasc.train import train_on
 
-    cfg = tiny_cfg(tmp_path, "train.accum_steps=2", "train.ema=0.9", "train.epochs=2", f"cells.augment={augment}")
+    cfg = tiny_cfg(tmp_path, "train.accum_steps=2", "train.ema=0.9", "train.epochs=2", f"cells.augment={augment}",
+                   f"loss.mil_weight={mil}")
     data = hand_made_fold()
     # 36 training cells -> 4 batches of 8 = 2 optimizer steps per epoch
     full = train_on(cfg, data, tmp_path / "full")
@@ -212,6 +213,10 @@ def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path, augment):
     ema_a = torch.load(full / "last.pt", weights_only=True)["ema"]
     ema_b = torch.load(part / "last.pt", weights_only=True)["ema"]
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    if mil:  # the stored logits of every training cell come back too
+        bank_a = torch.load(full / "last.pt", weights_only=True)["mil_bank"]
+        bank_b = torch.load(part / "last.pt", weights_only=True)["mil_bank"]
+        assert bank_a["seen"].sum() == 36 and torch.equal(bank_a["logits"], bank_b["logits"])
     la, lb = pd.read_csv(full / "log.csv"), pd.read_csv(part / "log.csv")
     cols = ["epoch", "lr", "bce", "triplet", "val_loss", "val_map"]
     pd.testing.assert_frame_equal(la[cols], lb[cols])
@@ -312,7 +317,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, overrides: tuple[str, ...] = ()) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -321,19 +326,21 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     from hpasc.training.loop import Trainer
 
     info = init_distributed("cpu")
-    cfg = tiny_cfg(Path(out), "train.epochs=1")
+    cfg = tiny_cfg(Path(out), "train.epochs=1", *overrides)
     trainer = Trainer(cfg, hand_made_fold(), Path(out) / "run", info)
     trainer.fit()
     torch.save({"model": unwrap(trainer.model).state_dict(), "steps": trainer.progress.step,
-                "world": info.world}, Path(out) / f"rank{rank}.pt")
+                "world": info.world, "bank": trainer.bank.state_dict() if trainer.bank is not None else None},
+               Path(out) / f"rank{rank}.pt")
     cleanup(info)
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_train_in_step(tmp_path):
+@pytest.mark.parametrize("mil", [0, 1])
+def test_ddp_two_gloo_processes_train_in_step(tmp_path, mil):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), (f"loss.mil_weight={mil}",)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world"] == r1["world"] == 2
@@ -342,6 +349,8 @@ def test_ddp_two_gloo_processes_train_in_step(tmp_path):
         if v.dtype.is_floating_point and "running" not in k:  # BN statistics stay per process
             assert torch.equal(v, r1["model"][k]), k
     assert (tmp_path / "run" / "best.pt").is_file() and not (tmp_path / "run" / "rank1").exists()
+    if mil:  # each rank stored the logits of both ranks' batches: the same bank, every cell trained on in it
+        assert r0["bank"]["seen"].sum() == 32 and torch.equal(r0["bank"]["logits"], r1["bank"]["logits"])
 
 
 # --------------------------------------------------------------------------- fold data
@@ -435,6 +444,27 @@ def test_image_head_is_trained_on_the_images_of_a_batch(tmp_path):
 
     untrained = build_model(cfg.model).state_dict()["image_classifier.weight"]
     assert first.shape == (19, untrained.shape[1]) and not torch.equal(first, untrained)
+
+
+def test_stain_negative_reaches_the_out_of_fold_probabilities(tmp_path):
+    from hpasc.confidence import stain_negative
+    from hpasc.train import train_on
+
+    data = hand_made_fold()
+    green = data.crops[..., 1].reshape(len(data.crops), -1).max(axis=1).astype(np.float32)
+    data.table["max_green"] = np.where(data.table["cell_id"] % 2 == 0, 0.0, green)  # every other cell unstained
+    plain = pd.read_csv(train_on(tiny_cfg(tmp_path, "train.epochs=2"), data, tmp_path / "plain") / "oof.csv")
+    with pytest.raises(ValueError, match="max_green"):
+        train_on(tiny_cfg(tmp_path, "train.epochs=1", "inference.stain_negative=true"), hand_made_fold(),
+                 tmp_path / "no_column")
+    stained = pd.read_csv(train_on(tiny_cfg(tmp_path, "train.epochs=2", "inference.stain_negative=true"), data,
+                                   tmp_path / "stain") / "oof.csv")
+    cols = [f"p{c}" for c in range(19)]
+    val = data.table.loc[data.val_rows]
+    stain = (val["max_green"] / val.groupby("ID")["max_green"].transform(lambda v: np.percentile(v, 90))).clip(0, 1)
+    expected = stain_negative(plain[cols].to_numpy(np.float32), stain.to_numpy())
+    assert np.allclose(stained[cols].to_numpy(), expected, atol=2e-6)
+    assert not np.allclose(expected, plain[cols].to_numpy(), atol=1e-3)  # the rule changed some cells
 
 
 def test_oof_keeps_tiny_probabilities_distinct_from_zero(tmp_path):

@@ -146,6 +146,39 @@ def _negative(conf: np.ndarray, cell: np.ndarray, image: np.ndarray, mode: str) 
         raise ValueError(f"unknown negative mode {mode!r}; use {' | '.join(NEGATIVE_MODES)}")
 
 
+# --------------------------------------------------------------------------- Negative from the stain
+
+STAIN_REFERENCE_PERCENTILE = 90.0  # a cell's stain is measured against this percentile of its image's cells
+
+
+def relative_stain(cell_max: np.ndarray) -> np.ndarray:
+    """One image's cells' protein signal (their brightest green pixel, any scale) -> [0, 1]: over the
+    90th percentile of the image's cells, so a bright outlier cell does not set the scale."""
+    values = np.asarray(cell_max, np.float64).reshape(-1)
+    if values.size == 0:
+        return np.zeros(0, np.float32)
+    top = float(np.percentile(values, STAIN_REFERENCE_PERCENTILE))
+    return np.clip(values / max(top, 1e-12), 0.0, 1.0).astype(np.float32)
+
+
+def stain_negative(cell_probs: np.ndarray, stain: np.ndarray) -> np.ndarray:
+    """Cell probabilities with Negative raised for cells that show neither a class nor protein signal:
+    ``p[18] = max(p[18], (1 - max(p[0..17])) * (1 - stain))``, ``stain`` from ``relative_stain``.
+
+    Negative means "no staining in this cell"; images labelled Negative are rare (0.16 % of the
+    competition's training images), so a model learns little about Negative cells inside positive images.
+    Both factors are needed: a dim cell of a dim pattern keeps its class, a bright cell is never Negative.
+    """
+    probs = _check_probs(cell_probs)
+    stain = _per_cell(stain, len(probs), "stain", np.float32)
+    if stain is None:
+        raise ValueError("stain_negative needs one stain value per cell")
+    out = probs.astype(np.float32, copy=True)
+    unstained = (1.0 - np.delete(out, NEGATIVE, axis=1).max(axis=1, initial=0.0)) * (1.0 - np.clip(stain, 0, 1))
+    out[:, NEGATIVE] = np.maximum(out[:, NEGATIVE], unstained)
+    return out
+
+
 def border_factor(border: np.ndarray | None, rel_area: np.ndarray | None, weight: float,
                   n: int) -> np.ndarray:
     """Per-cell multiplier: 1 inside; ``1 - weight * (1 - min(rel_area, 1))`` for border cells.

@@ -105,6 +105,9 @@ class LossConfig:
     focal_gamma: float = 0.0  # 0 -> plain BCE
     class_weights: tuple[float, ...] | None = None  # 19 values
     image_weight: float = 1.0  # BCE of the image head (model.image_head) against the image labels
+    mil_weight: float = 0.0  # BCE of the cell logits pooled over each image (multiple-instance) vs its labels
+    mil_pool: str = "lse"  # how an image's cell logits are pooled: lse | max | mean (hpasc.losses.MIL_POOLS)
+    mil_sharpness: float = 1.0  # lse: log-mean-exp of sharpness x logits (-> max as it grows, -> mean as it shrinks)
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ class TrainConfig:
     val_every: int = 1  # validate after every N-th epoch and after the last (best.pt is chosen among those)
     deterministic: bool = False  # deterministic kernels (resume reproduces an uninterrupted run bit for bit)
     threads: int | None = None  # torch CPU threads while training (None: torch's default)
-    group_by_image: bool | None = None  # batches of whole images; None -> on exactly when model.image_head
+    group_by_image: bool | None = None  # batches of whole images; None -> on with model.image_head or loss.mil_weight
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class InferenceConfig:
     batch_size: int = 128
     floor: float = 0.0  # confidences below are not written
     vote_threshold: float = 0.5  # image_agg vote: a cell votes for a class at this probability
+    stain_negative: bool = False  # Negative also from the lack of protein signal (hpasc.confidence.stain_negative)
 
 
 @dataclass(frozen=True)
@@ -287,6 +291,8 @@ _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "LossConfig.focal_gamma": _at_least(0),
     "LossConfig.class_weights": (_length(19), _at_least(0)),
     "LossConfig.image_weight": _at_least(0),
+    "LossConfig.mil_weight": _at_least(0),
+    "LossConfig.mil_sharpness": _above(0),
     "TrainConfig.epochs": _at_least(1),
     "TrainConfig.batch_size": _at_least(1),
     "TrainConfig.lr": _at_least(0),  # 0 freezes the weights (BatchNorm statistics still move)
@@ -325,6 +331,7 @@ CHOICES: dict[str, str] = {
     "CellsConfig.neighbours": "hpasc.cells:NEIGHBOUR_MODES",
     "CellsConfig.selection": "hpasc.data:SELECTIONS",
     "CellsConfig.augment": "hpasc.data:AUGMENTATIONS",
+    "LossConfig.mil_pool": "hpasc.losses:MIL_POOLS",
     "TrainConfig.select_metric": "hpasc.training.loop:SELECT_METRICS",
     "PseudoConfig.scale": "hpasc.training.pseudo:PSEUDO_SCALES",
     "InferenceConfig.recipe": "hpasc.confidence:RECIPES",

@@ -3,6 +3,12 @@
 The labels are weak (image level), so only cells that carry exactly one label — in practice cells of
 single-label images — have a trustworthy identity for metric learning: the triplet loss uses those and
 ignores the rest (identity -1). The BCE sees every cell.
+
+``loss.mil_weight`` adds a multiple-instance term: the cell logits of each image in the batch are pooled
+(``mil_pool``: log-mean-exp, max or mean) into one logit per class and trained against the image's labels.
+An image labelled with a class then only needs *some* of its cells to show it, while every cell of an
+image without the class is pushed down — what ranking cells within an image asks for. The trainer completes
+each image's pool with the stored logits of its cells outside the batch (``training.mil_bank``).
 """
 from __future__ import annotations
 
@@ -61,12 +67,40 @@ def group_targets(targets: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return out.scatter_reduce(0, groups[:, None].expand_as(targets), targets, reduce="amax")
 
 
+def segment_pool(logits: torch.Tensor, groups: torch.Tensor, pool: str, sharpness: float = 1.0) -> torch.Tensor:
+    """(B, C) logits + (B,) group ids 0..G-1 -> (G, C) pooled logits.
+
+    ``lse``: ``log(mean(exp(s * x))) / s`` per group (between the mean, s -> 0, and the max, s -> inf);
+    ``max``; ``mean``. An empty group gives 0 (``mean``/``lse``) or -inf (``max``), so callers pool only
+    groups that are present.
+    """
+    if pool not in MIL_POOLS:
+        raise ValueError(f"unknown MIL pooling {pool!r}; choices: {', '.join(MIL_POOLS)}")
+    groups = groups.long().to(logits.device)
+    n = int(groups.max().item()) + 1 if groups.numel() else 0
+    index = groups[:, None].expand_as(logits)
+    top = logits.new_full((n, logits.shape[1]), -torch.inf).scatter_reduce(0, index, logits, reduce="amax")
+    if pool == "max":
+        return top
+    counts = torch.bincount(groups, minlength=n).clamp_min(1).to(logits.dtype)[:, None]
+    if pool == "mean":
+        return logits.new_zeros(n, logits.shape[1]).index_add_(0, groups, logits) / counts
+    shift = top.detach().clamp_min(-1e4)  # the group's max: exp never overflows; gradients unchanged
+    scaled = torch.exp(sharpness * (logits - shift[groups]))
+    sums = logits.new_zeros(n, logits.shape[1]).index_add_(0, groups, scaled)
+    return shift + torch.log(sums / counts) / sharpness
+
+
+MIL_POOLS = ("lse", "max", "mean")
+
+
 class Criterion(nn.Module):
     """``Criterion(cfg.loss)(outputs, batch) -> {"loss", "bce", "triplet"}`` (+ ``"image_bce"``).
 
     ``outputs`` is the model's dict; ``batch["target"]`` holds (B, 19) multi-hot cell targets. With an
     image head, ``outputs["image_logits"]`` (G, 19) is trained against ``batch["image_target"]`` when
     given, otherwise against the union of the targets of each image's cells (``batch["group"]``).
+    With ``mil_weight`` > 0 (``"mil"``): ``multiple_instance``.
     """
 
     def __init__(self, cfg: LossConfig, num_classes: int = NUM_CLASSES):
@@ -90,6 +124,28 @@ class Criterion(nn.Module):
             loss = (1.0 - p_true).pow(self.cfg.focal_gamma) * loss
         return (loss * self.class_weights).mean()
 
+    def multiple_instance(self, logits: torch.Tensor, targets: torch.Tensor, batch: dict) -> torch.Tensor:
+        """BCE of each image's pooled cell logits against the union of its cells' targets.
+
+        The pool holds the batch's cells of the image (``batch["group"]``) and, when given, the stored
+        logits of its other cells (``bank_logits`` / ``bank_group``, constants). Image g's term is weighted
+        by its cell count / B (``group_size``, else its cells in the batch), so that a live cell's share
+        of the gradient is about what the per-cell BCE gives it (a pool of n cells hands each ~1/n).
+        """
+        if "group" not in batch:
+            raise KeyError("loss.mil_weight needs batch['group'] (each cell's image in the batch)")
+        groups = batch["group"].to(logits.device).long()
+        pool, pool_groups = logits.float(), groups
+        if batch.get("bank_logits") is not None:
+            pool = torch.cat([pool, batch["bank_logits"].to(logits.device).float()])
+            pool_groups = torch.cat([groups, batch["bank_group"].to(logits.device).long()])
+        pooled = segment_pool(pool, pool_groups, self.cfg.mil_pool, self.cfg.mil_sharpness)
+        image_target = group_targets(targets, groups)
+        size = batch.get("group_size")
+        size = (torch.bincount(groups, minlength=len(pooled)) if size is None else size.to(logits.device))
+        loss = F.binary_cross_entropy_with_logits(pooled, image_target.float(), reduction="none")
+        return ((loss * self.class_weights).mean(1) * size.float()).sum() / len(logits)
+
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         if "target" not in batch:
             raise KeyError("batch has no 'target' (B x 19 multi-hot cell targets)")
@@ -107,6 +163,10 @@ class Criterion(nn.Module):
             if image_target is None:
                 image_target = group_targets(targets, batch["group"])
             image_bce = self.classification(outputs["image_logits"], image_target.to(targets.device))
-            out["loss"] = loss + self.cfg.image_weight * image_bce
+            out["loss"] = out["loss"] + self.cfg.image_weight * image_bce
             out["image_bce"] = image_bce.detach()
+        if self.cfg.mil_weight > 0:
+            mil = self.multiple_instance(outputs["logits"], targets, batch)
+            out["loss"] = out["loss"] + self.cfg.mil_weight * mil
+            out["mil"] = mil.detach()
         return out

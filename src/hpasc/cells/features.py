@@ -51,6 +51,26 @@ def _unit_float(image: np.ndarray) -> np.ndarray:
     return scaled if scaled is not None else np.asarray(image, dtype=np.float32)
 
 
+def cell_channel_max(image: np.ndarray, cells: np.ndarray, channel: str = "green") -> np.ndarray:
+    """The brightest pixel of ``channel`` in each cell 1..n (n,), in the image's own units."""
+    n = int(cells.max()) if cells.size else 0
+    plane = np.ascontiguousarray(np.asarray(image)[..., CHANNELS.index(channel)][..., None])
+    return _channel_stats(plane, np.ascontiguousarray(cells, np.int32), n)[2][1:, 0]
+
+
+def table_stain(table: pd.DataFrame) -> np.ndarray:
+    """``hpasc.confidence.relative_stain`` of every row of a cell table (its ``max_green`` against the
+    other cells of its image), in row order."""
+    from ..confidence import relative_stain
+
+    if "max_green" not in table:
+        raise ValueError("the cell table has no max_green column (rebuild the cell cache)")
+    out = np.zeros(len(table), np.float32)
+    for rows in table.groupby("ID", sort=False).indices.values():
+        out[rows] = relative_stain(table["max_green"].to_numpy()[rows])
+    return out
+
+
 def cell_table(image_id: str, image: np.ndarray, cells: np.ndarray, nuclei: np.ndarray) -> pd.DataFrame:
     """One row per cell 1..n: ID, cell_id, box, area, nucleus_area, border, rel_area, per-channel
     ``mean_<colour>``/``max_<colour>`` (image in [0, 1]) and regionprops shape features."""

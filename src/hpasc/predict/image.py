@@ -26,6 +26,7 @@ class Prepared:
     encodings: dict[int, str] = field(default_factory=dict)
     border: np.ndarray | None = None
     rel_area: np.ndarray | None = None
+    stain: np.ndarray | None = None  # relative protein signal per cell (hpasc.confidence.relative_stain)
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -51,6 +52,8 @@ def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cf
                   crop_cfgs: Sequence[CellsConfig], masks_dir: Path | None = None) -> Prepared:
     """Read, segment, crop and encode one image. Failures become ``Prepared.error`` (never raised)."""
     from ..cells import extract_crops
+    from ..cells.features import cell_channel_max
+    from ..confidence import relative_stain
     from ..io import read_image
     from ..rle import encode_label_map
 
@@ -86,6 +89,7 @@ def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cf
             if key not in out.crops:
                 crops = extract_crops(image, label_map, cells_cfg.size, cells_cfg.padding, cells_cfg.neighbours)
                 out.crops[key] = crops[ids - 1]
+        out.stain = relative_stain(cell_channel_max(image, label_map)[ids - 1])
         del image
         out.seconds["crop"] = clock() - t
         out.cell_ids = ids

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..confidence import stain_negative
 from ..config import ConfigError, InferenceConfig, SegmentationConfig, parse_overrides
 from ..config import replace as replace_config
 from ..labels import NUM_CLASSES
@@ -184,6 +185,8 @@ class _Run:
             self.fail(p.image_id, "no image-head output (inference.image_agg: head)")
             return
         try:
+            if self.infer.stain_negative:
+                probs = stain_negative(probs, p.stain)
             self.rows[p.image_id] = _row(p.encodings, p.cell_ids, probs, self.infer, p.border, p.rel_area, image)
         except Exception as exc:  # noqa: BLE001 - e.g. a recipe that rejects these values
             self.fail(p.image_id, f"confidence recipe failed ({type(exc).__name__}: {exc})")

@@ -5,7 +5,8 @@ DDP under torchrun, validation each epoch on rank 0, best/last checkpoints, earl
 from the last checkpoint — also from the middle of an epoch, ending with the same weights as an
 uninterrupted run (every random draw is a function of the seed and the position in the run; see
 ``sampling``). With ``model.image_head`` the batches are made of whole images, so the image head sees
-several cells of each image it is trained on.
+several cells of each image it is trained on; the multiple-instance term (``loss.mil_weight``) keeps
+random batches and pools over the last logits of the images' other cells (``mil_bank``).
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import runs
+from ..cells.features import table_stain
 from ..config import Config, ConfigError, load_config, save_config, to_dict
+from ..labels import NUM_CLASSES
 from ..losses import Criterion
 from ..models import build_model, unwrap
 from .distributed import DistInfo, barrier, broadcast_object, mean_over_ranks
 from .fold_data import FoldData
 from .logs import plot_curves, write_log
+from .mil_bank import LogitBank
 from .sampling import EpochSampler, SeededItems, _mix
 from .state import (
     CheckpointError,
@@ -159,8 +163,11 @@ class Trainer:
         self.model = model
         self.criterion = Criterion(cfg.loss).to(self.device)
         # the image head pools the cells of one image: each crop row's image, as an integer code
-        self.image_codes = (torch.from_numpy(pd.factorize(data.table["ID"])[0].astype("int64"))
-                            if cfg.model.image_head else None)
+        codes = pd.factorize(data.table["ID"])[0].astype("int64")
+        self.image_codes = torch.from_numpy(codes) if cfg.model.image_head else None
+        # the multiple-instance term pools each image's cells: the batch's, and the others' last logits
+        self.bank = (LogitBank(codes, np.asarray(data.train_rows), NUM_CLASSES, self.device)
+                     if cfg.loss.mil_weight > 0 else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.loader, self.sampler = self._train_loader()
         # the batch half of the augmentation (cells.augment: standard_batch), applied on the device
@@ -169,6 +176,8 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.batches / tc.accum_steps)
         self.total_steps = self.steps_per_epoch * tc.epochs
         self.warmup_steps = round(tc.warmup_epochs * self.steps_per_epoch)
+        # inference's per-cell Negative from the protein signal needs each validation cell's stain
+        self.val_stain = table_stain(data.val_table) if cfg.inference.stain_negative else None
         self.scorer = None
         if cfg.data.truth_csv and self.info.is_main:
             self.scorer = CompetitionScorer(cfg.data.truth_csv, data.val_table, data.masks_dir, cfg)
@@ -221,6 +230,7 @@ class Trainer:
             "rng": rng_state(),
             "progress": {k: getattr(p, k) for k in Progress.__dataclass_fields__},
             "config": to_dict(self.cfg),
+            "mil_bank": self.bank.state_dict() if self.bank is not None else None,
         }, self.run_dir / runs.LAST_FILE)
 
     def _resume(self) -> bool:
@@ -240,6 +250,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.bank is not None and state.get("mil_bank") is not None:
+            self.bank.load_state_dict(state["mil_bank"])
         self.progress = Progress(**state["progress"])
         set_rng_state(state["rng"])
         return True
@@ -305,8 +317,7 @@ class Trainer:
 
     def _micro_step(self, batch: dict, accumulating: bool) -> dict:
         """Forward + backward of one batch; while ``accumulating`` DDP skips the gradient all-reduce."""
-        if self.image_codes is not None:  # each cell's image in this batch, numbered 0..G-1 (on the CPU)
-            batch = {**batch, "group": torch.unique(self.image_codes[batch["index"]], return_inverse=True)[1]}
+        batch = self.with_groups(batch)
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         x = batch["image"]
         if self.batch_augment is not None:  # seeded by (seed, epoch, batch, rank): a resumed run draws the same
@@ -319,11 +330,22 @@ class Trainer:
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
                 outputs = self.model(x, batch.get("group"))
                 losses = self.criterion(outputs, batch)
+            if self.bank is not None:
+                self.bank.update(batch["index"], outputs["logits"], self.info)
             self.scaler.scale(losses["loss"] / self.cfg.train.accum_steps).backward()
         if not torch.isfinite(losses["loss"].detach()):
             raise FloatingPointError(f"{self.cfg.name}: loss is {float(losses['loss'])} at step "
                                      f"{self.progress.step} (lower train.lr?)")
         return losses
+
+    def with_groups(self, batch: dict) -> dict:
+        """The batch + what the image-level terms pool over: ``group`` (each cell's image, 0..G-1) for the
+        image head; for the multiple-instance term also the stored logits of those images' other cells."""
+        if self.bank is not None:
+            return {**batch, **self.bank.pool_inputs(batch["index"])}
+        if self.image_codes is not None:
+            return {**batch, "group": torch.unique(self.image_codes[batch["index"]], return_inverse=True)[1]}
+        return batch
 
     def _optimizer_step(self) -> None:
         tc, p = self.cfg.train, self.progress
@@ -354,7 +376,7 @@ class Trainer:
         elif self.info.is_main:
             started = time.perf_counter()
             metrics, probs = evaluate(self.eval_model, self.data.crops, self.data.val_rows, self.data.val_targets,
-                                      self.cfg, self.device, self.scorer)
+                                      self.cfg, self.device, self.scorer, self.val_stain)
             row.update(metrics)
             row["seconds"] = round(p.seconds + time.perf_counter() - started, 2)
             p.history.append(row)

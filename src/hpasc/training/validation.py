@@ -88,14 +88,23 @@ def _nan_if_none(value: float | None) -> float:
 
 
 def evaluate(model: nn.Module, crops: np.ndarray, rows: np.ndarray, targets: np.ndarray, cfg: Config,
-             device: torch.device, scorer: CompetitionScorer | None = None) -> tuple[dict, np.ndarray]:
-    """-> ({"val_loss", "val_map", "val_auc", "val_comp_map"}, probabilities (n, 19))."""
+             device: torch.device, scorer: CompetitionScorer | None = None,
+             stain: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+    """-> ({"val_loss", "val_map", "val_auc", "val_comp_map"}, probabilities (n, 19)).
+
+    With ``inference.stain_negative`` the probabilities are the ones inference writes: Negative raised
+    by ``hpasc.confidence.stain_negative`` with ``stain`` (one value per row); the loss is the model's."""
+    from ..confidence import stain_negative
     from ..metric import cell_proxy_scores
 
     logits = predict_crops(model, crops, rows, cfg, device)
     t_logits, t_targets = torch.from_numpy(logits), torch.from_numpy(np.asarray(targets, np.float32))
     loss = float(F.binary_cross_entropy_with_logits(t_logits, t_targets)) if len(logits) else math.nan
     probs = torch.sigmoid(t_logits).numpy()
+    if cfg.inference.stain_negative and len(probs):
+        if stain is None:
+            raise ValueError("inference.stain_negative: validation needs each cell's stain")
+        probs = stain_negative(probs, stain)
     proxy = cell_proxy_scores(targets, probs) if len(probs) else {"mAP": None, "mAUC": None}
     metrics = {"val_loss": loss, "val_map": _nan_if_none(proxy["mAP"]), "val_auc": _nan_if_none(proxy["mAUC"]),
                "val_comp_map": scorer(probs) if scorer is not None else math.nan}
