@@ -13,7 +13,7 @@ from hpasc.submission import validate_submission
 def test_demo_runs_end_to_end_and_beats_the_image_level_baselines(tmp_path, one_torch_thread):
     work = tmp_path / "demo"
     # with a pseudo-label round (the tiny config has none: at its budget epochs paid more), half the epochs
-    code = main(["demo", "--work", str(work), "--train", "24", "--test", "6", "--size", "256",
+    code = main(["demo", "--work", str(work), "--train", "24", "--test", "6", "--size", "256", "--folds", "3",
                  "pseudo.rounds=1", "train.epochs=8"])
     result = json.loads((work / "demo_result.json").read_text())
     # the contract: mAP, submission, truth, baselines {name: mAP}; runs left in DIR/runs
@@ -51,6 +51,19 @@ def test_demo_runs_end_to_end_and_beats_the_image_level_baselines(tmp_path, one_
     again = json.loads((other / "demo_result.json").read_text())
     assert again["truth"] == str(work / "data" / "truth" / "test.csv") and not (other / "data").exists()
     assert score(again["truth"], again["submission"]).mAP == pytest.approx(again["mAP"])
+
+
+def test_budget_folds_spend_the_budget_on_more_folds_for_fewer_images():
+    from hpasc.demo import budget_folds
+
+    assert budget_folds(512, 16) == 2  # 16 x 512 x 1 = 8192: the budget exactly
+    assert budget_folds(320, 16) == 2  # a third fold would cost 10240
+    assert budget_folds(256, 16) == 3  # 16 x 256 x 2 = 8192
+    assert budget_folds(160, 16) == 4  # 16 x 160 x 3 = 7680; a fifth fold would cost 10240
+    assert budget_folds(24, 8) == 5 and budget_folds(5000, 16) == 2  # never more than 5, never fewer than 2
+    assert budget_folds(160, 16, budget=4000) == 2
+    with pytest.raises(ValueError, match="images and epochs"):
+        budget_folds(0, 16)
 
 
 def test_demo_data_must_be_a_competition_layout(tmp_path, capsys):
