@@ -55,7 +55,7 @@ class ClassicParams:
     distance_sigma: float = 1.0  # smoothing of the nucleus distance transform before seeding
     seed_h: float = 3.0  # h-maxima depth (px) splitting touching nuclei
     cell_sigma: float = 2.0  # smoothing of the cell-channel mean
-    cell_threshold: float = 0.8  # factor on the triangle threshold
+    cell_threshold: float = 1.0  # factor on the triangle threshold
     distance_scale: float = 250.0  # elevation = distance to nucleus / distance_scale - intensity
     channel_percentile: float = 99.0  # per-channel normalisation of the cell channels
     min_signal: float = 0.02  # a channel whose top percentile is below this is empty (noise only)
