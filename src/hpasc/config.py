@@ -135,7 +135,7 @@ class TrainConfig:
     val_every: int = 1  # validate after every N-th epoch and after the last (best.pt is chosen among those)
     deterministic: bool = False  # deterministic kernels (resume reproduces an uninterrupted run bit for bit)
     threads: int | None = None  # torch CPU threads while training (None: torch's default)
-    group_by_image: bool | None = None  # batches of whole images; None -> on with model.image_head or loss.mil_weight
+    group_by_image: bool | None = None  # batches of whole images; None -> on exactly when model.image_head
 
 
 @dataclass(frozen=True)

@@ -78,13 +78,13 @@ def segment_pool(logits: torch.Tensor, groups: torch.Tensor, pool: str, sharpnes
         raise ValueError(f"unknown MIL pooling {pool!r}; choices: {', '.join(MIL_POOLS)}")
     groups = groups.long().to(logits.device)
     n = int(groups.max().item()) + 1 if groups.numel() else 0
+    counts = torch.bincount(groups, minlength=n).clamp_min(1).to(logits.dtype)[:, None]
+    if pool == "mean":
+        return logits.new_zeros(n, logits.shape[1]).index_add_(0, groups, logits) / counts
     index = groups[:, None].expand_as(logits)
     top = logits.new_full((n, logits.shape[1]), -torch.inf).scatter_reduce(0, index, logits, reduce="amax")
     if pool == "max":
         return top
-    counts = torch.bincount(groups, minlength=n).clamp_min(1).to(logits.dtype)[:, None]
-    if pool == "mean":
-        return logits.new_zeros(n, logits.shape[1]).index_add_(0, groups, logits) / counts
     shift = top.detach().clamp_min(-1e4)  # the group's max: exp never overflows; gradients unchanged
     scaled = torch.exp(sharpness * (logits - shift[groups]))
     sums = logits.new_zeros(n, logits.shape[1]).index_add_(0, groups, scaled)
@@ -95,7 +95,7 @@ MIL_POOLS = ("lse", "max", "mean")
 
 
 class Criterion(nn.Module):
-    """``Criterion(cfg.loss)(outputs, batch) -> {"loss", "bce", "triplet"}`` (+ ``"image_bce"``).
+    """``Criterion(cfg.loss)(outputs, batch) -> {"loss", "bce", "triplet"}`` (+ ``"image_bce"``, ``"mil"``).
 
     ``outputs`` is the model's dict; ``batch["target"]`` holds (B, 19) multi-hot cell targets. With an
     image head, ``outputs["image_logits"]`` (G, 19) is trained against ``batch["image_target"]`` when

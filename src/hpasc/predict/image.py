@@ -49,8 +49,9 @@ def _segment(image: np.ndarray, image_id: str, seg_cfg: SegmentationConfig, mask
 
 
 def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cfg: SegmentationConfig,
-                  crop_cfgs: Sequence[CellsConfig], masks_dir: Path | None = None) -> Prepared:
-    """Read, segment, crop and encode one image. Failures become ``Prepared.error`` (never raised)."""
+                  crop_cfgs: Sequence[CellsConfig], masks_dir: Path | None = None, stain: bool = False) -> Prepared:
+    """Read, segment, crop and encode one image (with ``stain``: also each cell's relative protein signal,
+    for ``inference.stain_negative``). Failures become ``Prepared.error`` (never raised)."""
     from ..cells import extract_crops
     from ..cells.features import cell_channel_max
     from ..confidence import relative_stain
@@ -89,7 +90,8 @@ def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cf
             if key not in out.crops:
                 crops = extract_crops(image, label_map, cells_cfg.size, cells_cfg.padding, cells_cfg.neighbours)
                 out.crops[key] = crops[ids - 1]
-        out.stain = relative_stain(cell_channel_max(image, label_map)[ids - 1])
+        if stain:
+            out.stain = relative_stain(cell_channel_max(image, label_map)[ids - 1])
         del image
         out.seconds["crop"] = clock() - t
         out.cell_ids = ids

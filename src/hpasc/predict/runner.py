@@ -286,7 +286,8 @@ def predict(run_dirs: Sequence[str | os.PathLike], images_dir: str | os.PathLike
         budget.update()
         if budget.current.empty:
             return Prepared(image_id, skipped=True)
-        return prepare_image(images_dir, image_id, sizes[image_id], seg_cfg, crop_cfgs, masks)
+        return prepare_image(images_dir, image_id, sizes[image_id], seg_cfg, crop_cfgs, masks,
+                             stain=infer.stain_negative)
 
     workers = max(1, int(workers))
     with cpu_threads(device, workers), ThreadPoolExecutor(workers) as pool:

@@ -148,11 +148,7 @@ class Trainer:
         self.amp = tc.amp and self.device.type == "cuda"
         # channels-last on every device, as inference: a training step of the demo's model on 2 CPU cores
         # takes 31 ms instead of 41 ms (and tensor cores prefer it on GPU)
-        self.channels_last = True
-
-        model = build_model(cfg.model).to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = build_model(cfg.model).to(self.device).to(memory_format=torch.channels_last)
         self.ema = ModelEma(model, tc.ema) if tc.ema else None
         self.optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr)
         if self.info.distributed:
@@ -325,8 +321,7 @@ class Trainer:
         if self.batch_augment is not None:  # seeded by (seed, epoch, batch, rank): a resumed run draws the same
             p, info = self.progress, self.info
             x = self.batch_augment(x, _mix(self.cfg.train.seed, p.epoch, p.batch * info.world + info.rank))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         sync = self.model.no_sync() if (self.info.distributed and accumulating) else nullcontext()
         with sync:
             with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):

@@ -32,7 +32,7 @@ class LogitBank:
         self.device = torch.device(device)
         self.logits = torch.zeros(self.n_rows, n_classes, dtype=torch.float32, device=self.device)
         self.seen = torch.zeros(self.n_rows, dtype=torch.bool, device=self.device)
-        self.codes = torch.from_numpy(codes)
+        self.codes = codes
         # the training rows of every image, contiguous: image c's rows are members[starts[c]:starts[c] + sizes[c]]
         n_images = int(codes.max()) + 1 if len(codes) else 0
         order = np.argsort(codes[rows], kind="stable")
@@ -45,7 +45,7 @@ class LogitBank:
         (already seen) training cells. Keys: ``group`` (B,) 0..G-1, ``bank_logits`` (M, C), ``bank_group``
         (M,), ``group_size`` (G,) the training cells each image has."""
         rows_np = rows.cpu().numpy().astype(np.int64)
-        codes, group = np.unique(self.codes.numpy()[rows_np], return_inverse=True)
+        codes, group = np.unique(self.codes[rows_np], return_inverse=True)
         sizes = self.sizes[codes]
         # every training row of the batch's images, with its image's group number (no Python loop)
         first = np.cumsum(sizes) - sizes
