@@ -60,10 +60,46 @@ def test_budget_folds_spend_the_budget_on_more_folds_for_fewer_images():
     assert budget_folds(320, 16) == 2  # a third fold would cost 10240
     assert budget_folds(256, 16) == 3  # 16 x 256 x 2 = 8192
     assert budget_folds(160, 16) == 4  # 16 x 160 x 3 = 7680; a fifth fold would cost 10240
-    assert budget_folds(24, 8) == 5 and budget_folds(5000, 16) == 2  # never more than 5, never fewer than 2
+    assert budget_folds(128, 16) == 4  # a fifth fold would be paid for (8192), but 4 is the most
+    assert budget_folds(24, 8) == 4 and budget_folds(5000, 16) == 2  # never more than 4, never fewer than 2
     assert budget_folds(160, 16, budget=4000) == 2
     with pytest.raises(ValueError, match="images and epochs"):
         budget_folds(0, 16)
+
+
+def test_budget_epochs_train_every_model_as_long_as_the_demo_does():
+    from hpasc.demo import budget_epochs
+
+    assert budget_epochs(512, 2, 16) == 16  # 256 images x 16 epochs = 4096: the model budget exactly
+    assert budget_epochs(5000, 2, 16) == 16  # more data: never fewer epochs than the config's
+    assert budget_epochs(160, 4, 16) == 34  # 120 images a fold: 4096 / 120 = 34.1
+    assert budget_epochs(256, 3, 16) == 24  # 170.7 images a fold: 24.0
+    assert budget_epochs(160, 4, 16, model_budget=1200) == 16
+    with pytest.raises(ValueError, match="2\\+ folds"):
+        budget_epochs(160, 1, 16)
+
+
+def test_the_demo_plans_epochs_unless_they_are_given(tmp_path, monkeypatch):
+    # stop the demo right after planning (at segmentation) and read the config it saved
+    import hpasc.segmentation as segmentation
+    from hpasc.config import load_config
+    from hpasc.demo import run_demo
+    from hpasc.synthetic import synthesize
+
+    class Planned(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Planned
+
+    monkeypatch.setattr(segmentation, "segment_folder", stop)
+    data = tmp_path / "data"
+    synthesize(data, n_train=24, n_test=2, size=128, seed=1, workers=1)
+    for overrides, epochs in (((), 228), (("train.epochs=3",), 3)):  # 4 folds of 24: 18 images a fold
+        work = tmp_path / f"w{len(overrides)}"
+        with pytest.raises(Planned):
+            run_demo(work, data_dir=data, overrides=overrides, verbose=False)
+        assert load_config(work / "demo_config.yaml").train.epochs == epochs
 
 
 def test_demo_data_must_be_a_competition_layout(tmp_path, capsys):

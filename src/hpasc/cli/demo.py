@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=None, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", type=int, default=None,
-                   help="folds to train (default: as many as the training budget pays for, 2-5)")
+                   help="folds to train (default: as many as the training budget pays for, 2-4; a small "
+                   "dataset also trains more epochs unless train.epochs=N is given)")
     p.add_argument("--config", default=None, help="training config (default: configs/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=_run)
