@@ -79,7 +79,7 @@ def test_budget_epochs_train_every_model_as_long_as_the_demo_does():
         budget_epochs(160, 1, 16)
 
 
-def test_the_demo_plans_epochs_unless_they_are_given(tmp_path, monkeypatch):
+def test_the_demo_plans_epochs_unless_they_are_given(tmp_path, monkeypatch, capsys):
     # stop the demo right after planning (at segmentation) and read the config it saved
     import hpasc.segmentation as segmentation
     from hpasc.config import load_config
@@ -100,6 +100,10 @@ def test_the_demo_plans_epochs_unless_they_are_given(tmp_path, monkeypatch):
         with pytest.raises(Planned):
             run_demo(work, data_dir=data, overrides=overrides, verbose=False)
         assert load_config(work / "demo_config.yaml").train.epochs == epochs
+    # planning comes after the folds' own check: one fold is a one-line error, not a traceback
+    assert main(["demo", "--work", str(tmp_path / "one"), "--data", str(data), "--folds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "n_folds must be at least 2, got 1" in err and "Traceback" not in err
 
 
 def test_demo_data_must_be_a_competition_layout(tmp_path, capsys):

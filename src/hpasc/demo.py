@@ -179,12 +179,12 @@ def run_demo(work: str | Path, n_train: int = 512, n_test: int = 48, size: int =
         train_df = read_csv(data / "train.csv", "train CSV", DemoError, dtype={"ID": str, "Label": str})
         if n_folds is None:
             n_folds = budget_folds(len(train_df), cfg.train.epochs)
+        folds_df = make_folds(train_df, n_folds=n_folds, seed=seed, source=str(data / "train.csv"))
+        folds_df.to_csv(runs.folds_file(work), index=False)
         if "train.epochs" not in dict(parse_overrides(overrides)):  # epochs set by hand are kept
             cfg = replace(cfg, **{"train.epochs": budget_epochs(len(train_df), n_folds, cfg.train.epochs)})
         if verbose:
             print(f"[demo] {len(train_df)} training images: {n_folds} folds x {cfg.train.epochs} epochs", flush=True)
-        folds_df = make_folds(train_df, n_folds=n_folds, seed=seed, source=str(data / "train.csv"))
-        folds_df.to_csv(runs.folds_file(work), index=False)
     folds = tuple(range(n_folds)) if folds is None else tuple(folds)
     cfg = replace(cfg, **{"train.folds": list(folds)})
     save_config(cfg, work / "demo_config.yaml")
