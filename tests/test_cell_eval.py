@@ -61,6 +61,9 @@ def test_pooled_and_within_image_auc_by_hand():
     assert auc["within"] == pytest.approx((5 / 9 + 1 + 0.5) / 3)
     assert auc["mean"] == pytest.approx((5 / 9 + 1 + 7 / 8) / 3)
     assert auc["worst"] == {"class": 0, "auc": pytest.approx(5 / 9)}
+    # support: positive truth cells and the images holding them
+    assert auc["per_class_support"]["0"] == [3, 2] and auc["per_class_support"]["16"] == [2, 1]
+    assert auc["per_class_support"]["5"] == [2, 1] and auc["per_class_support"]["3"] == [0, 0]
 
 
 def test_oracle_is_the_segmentation_ceiling():
@@ -81,3 +84,5 @@ def test_score_cli_cells_view(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "of oracle 1.0000" in out and "6 of 6 truth cells matched" in out
     assert "within-image 0.685" in out  # (5/9 + 1 + 1/2) / 3
+    assert "pooled 0.875  within 0.500  (2 cells in 1 image)" in out  # class 5
+    assert "(3 cells in 2 images)" in out  # class 0

@@ -28,6 +28,7 @@ def test_report_renders_with_every_section(tmp_path):
     for name in CLASS_NAMES:
         assert name in html
     assert "competition AP" in html and "http" not in html  # no external resources
+    assert "truth cells (images)" in html  # how many truth cells each class's cell AUC stands on
 
 
 def test_report_without_images_notes_it_and_references_nothing_missing(tmp_path):

@@ -244,7 +244,8 @@ def class_table(result: CVResult, positives: np.ndarray) -> str:
     auc = result.cell_auc
     head = "<tr><th>id</th><th class=name>class</th><th>cells (image label)</th><th>proxy AP</th>" \
            "<th>proxy AUC</th>" + ("<th>competition AP</th>" if comp else "") \
-           + ("<th>cell AUC within images</th><th>cell AUC pooled</th>" if auc else "") + "</tr>"
+           + ("<th>cell AUC within images</th><th>cell AUC pooled</th><th>truth cells (images)</th>"
+              if auc else "") + "</tr>"
     rows = []
     for c, name in enumerate(CLASS_NAMES):
         cells = f"<td>{c}</td><td class=name>{html.escape(name)}</td><td>{int(positives[c])}</td>" \
@@ -253,11 +254,13 @@ def class_table(result: CVResult, positives: np.ndarray) -> str:
             cells += f"<td>{_fmt(result.comp_per_class_ap[c])}</td>"
         if auc:
             cells += f"<td>{_fmt(auc['per_class_within'][str(c)])}</td><td>{_fmt(auc['per_class'][str(c)])}</td>"
+            n, images = auc.get("per_class_support", {}).get(str(c), ("–", "–"))
+            cells += f"<td>{n} ({images})</td>"
         rows.append(f"<tr>{cells}</tr>")
     total = f"<tr><th></th><th class=name>mean (all cells)</th><th>{result.n_cells}</th>" \
             f"<th>{_fmt(result.proxy_map)}</th>" \
             f"<th>{_fmt(result.proxy_auc)}</th>" + (f"<th>{_fmt(result.comp_map)}</th>" if comp else "") \
-            + (f"<th>{_fmt(auc['within'])}</th><th>{_fmt(auc['mean'])}</th>" if auc else "") + "</tr>"
+            + (f"<th>{_fmt(auc['within'])}</th><th>{_fmt(auc['mean'])}</th><th></th>" if auc else "") + "</tr>"
     return f"<table>{head}{''.join(rows)}{total}</table>"
 
 
