@@ -117,7 +117,7 @@ def cell_auc(matched: MatchedCells) -> dict:
         pooled[c] = _auc(y, s)
         images = np.unique(ids[y])
         support[c] = [int(y.sum()), len(images)]
-        holding = np.isin(ids, images) if y.any() else np.zeros(len(y), bool)
+        holding = np.isin(ids, images)  # no positive: no image, no cell
         within[c] = _auc(y[holding], s[holding])
     known = {c: v for c, v in pooled.items() if v is not None}
     worst = min(known.items(), key=lambda kv: kv[1]) if known else None
@@ -158,7 +158,7 @@ def format_cell_eval(ev: dict) -> str:
     for c in range(NUM_CLASSES):
         p, w = auc["per_class"][str(c)], auc["per_class_within"][str(c)]
         if p is not None or w is not None:
-            cells, images = auc.get("per_class_support", {}).get(str(c), (None, None))
-            support = "" if cells is None else f"  ({cells} cells in {images} image{'s' * (images != 1)})"
-            lines.append(f"  {c:>2} {CLASS_NAMES[c]:<42} pooled {fmt(p)}  within {fmt(w)}{support}")
+            cells, images = auc["per_class_support"][str(c)]
+            lines.append(f"  {c:>2} {CLASS_NAMES[c]:<42} pooled {fmt(p)}  within {fmt(w)}  "
+                         f"({cells} cells in {images} image{'s' * (images != 1)})")
     return "\n".join(lines)

@@ -254,7 +254,7 @@ def class_table(result: CVResult, positives: np.ndarray) -> str:
             cells += f"<td>{_fmt(result.comp_per_class_ap[c])}</td>"
         if auc:
             cells += f"<td>{_fmt(auc['per_class_within'][str(c)])}</td><td>{_fmt(auc['per_class'][str(c)])}</td>"
-            n, images = auc.get("per_class_support", {}).get(str(c), ("–", "–"))
+            n, images = auc["per_class_support"][str(c)]
             cells += f"<td>{n} ({images})</td>"
         rows.append(f"<tr>{cells}</tr>")
     total = f"<tr><th></th><th class=name>mean (all cells)</th><th>{result.n_cells}</th>" \
