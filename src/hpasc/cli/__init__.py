@@ -15,7 +15,7 @@ from .. import __version__
 
 # cli module -> the commands it registers (kept here so `hpasc --help` needs no heavy imports)
 COMMAND_MODULES = (
-    "data",  # synth, folds
+    "data",  # synth, realism, folds
     "external",  # external
     "fmt",  # score, validate
     "segment",  # segment

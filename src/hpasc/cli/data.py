@@ -1,7 +1,17 @@
-"""``hpasc synth`` (synthetic HPA world) and ``hpasc folds`` (folds.csv)."""
+"""``hpasc synth`` (synthetic HPA world), ``hpasc realism`` (it against real images) and ``hpasc folds``."""
 from __future__ import annotations
 
 import argparse
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -30,6 +40,21 @@ def register(subparsers) -> None:
     p.set_defaults(func=_synth)
 
     p = subparsers.add_parser(
+        "realism", help="field statistics of two image sources side by side (cell size, density, "
+        "touching, solidity, channel intensities), e.g. real images against a synthetic world",
+        description="Each source is an hpasc synth folder (its split's images and truth cells) or an "
+        "images folder with {ID}.png / {ID}_cellmask.png label maps (in --*-masks, default the folder).")
+    p.add_argument("reference", metavar="REFERENCE", help="e.g. the real HPA samples")
+    p.add_argument("other", metavar="OTHER", help="e.g. a synthetic world")
+    p.add_argument("--reference-masks", metavar="DIR", help="label maps of REFERENCE")
+    p.add_argument("--other-masks", metavar="DIR", help="label maps of OTHER")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="split of a synthetic world")
+    p.add_argument("--limit", type=_at_least_one, default=None, help="at most this many images per source")
+    p.add_argument("--plot", metavar="PNG", help="also draw the measures and channel histograms")
+    p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    p.set_defaults(func=_realism)
+
+    p = subparsers.add_parser(
         "folds", help="stratified folds.csv (ID,Label,fold) from one or several train CSVs",
         description="One train.csv: multilabel-stratified folds (how the committed folds.csv is made). "
         "Several (competition + `hpasc external`), or a group column: images of one antibody in one fold, "
@@ -52,6 +77,18 @@ def _synth(args: argparse.Namespace) -> int:
                      real_sizes=args.real_sizes, workers=args.workers, gallery=args.gallery,
                      overwrite=args.overwrite)
     print(f"wrote {args.train} train and {args.test} test images to {out}")
+    return 0
+
+
+def _realism(args: argparse.Namespace) -> int:
+    from ..synthetic import realism
+
+    reference = realism.measure_source(args.reference, args.reference_masks, args.split, args.limit)
+    other = realism.measure_source(args.other, args.other_masks, args.split, args.limit)
+    rows = realism.compare(reference, other)
+    print(realism.comparison_json(rows, reference, other) if args.json else realism.format_comparison(rows))
+    if args.plot:
+        print(f"plot: {realism.plot_comparison(reference, other, args.plot)}")
     return 0
 
 
