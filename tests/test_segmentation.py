@@ -21,6 +21,7 @@ from hpasc.segmentation.postprocess import min_areas, relabel_consecutive
 
 SAMPLE_IDS = ("000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0", "b6a469d8-bbad-11e8-b2ba-ac1f6b6435d0",
               "f0ac7116-bb99-11e8-b2b9-ac1f6b6435d0")
+DENSE_ID = "94e33c64-bb9b-11e8-b2b9-ac1f6b6435d0"  # the fourth sample, densely packed; not tuned on
 
 
 
@@ -175,6 +176,38 @@ def test_merge_undivided_joins_split_nuclei_without_a_dip_between_their_cells():
             and merge_undivided(cells, nuclei, bright_middle, ratio * 1.001).max() == 2)
 
 
+def test_fill_holes_fills_only_small_enclosed_holes():
+    from hpasc.segmentation.classic import fill_holes
+
+    mask = np.zeros((40, 60), bool)
+    mask[5:35, 5:55] = True
+    mask[10:13, 10:13] = False  # a 9 px hole: dim cytoplasm inside a cell
+    mask[15:25, 30:40] = False  # a 100 px hole: a gap enclosed by cells
+    mask[0:20, 0:3] = False  # background touching the edge: never a hole
+    filled = fill_holes(mask, 50)
+    assert filled[10:13, 10:13].all() and not filled[15:25, 30:40].any() and not filled[0:20, 0:3].any()
+    assert (filled ^ mask).sum() == 9
+    everything = fill_holes(mask, None)
+    assert everything[15:25, 30:40].all() and (everything ^ mask).sum() == 109
+    np.testing.assert_array_equal(fill_holes(mask, 0), mask)
+
+
+def test_a_gap_enclosed_by_cells_stays_background():
+    """Four cells round a dark square: their foreground rings it, and the square is not shared out."""
+    img = np.zeros((256, 256, 4), np.float32)
+    yy, xx = np.mgrid[:256, :256]
+    truth = (1 + 2 * (yy // 128) + xx // 128).astype(np.int32)  # four 128 px squares
+    img[..., 0] = img[..., 3] = 0.5
+    for cy, cx in ((64, 64), (64, 192), (192, 64), (192, 192)):
+        img[np.hypot(yy - cy, xx - cx) < 22, 2] = 0.8
+    gap = (abs(yy - 128) < 40) & (abs(xx - 128) < 40)
+    truth[gap] = 0
+    img[gap] = 0
+    seg = segment(img)
+    assert seg.n == 4 and seg.cells[gap].mean() < 0.05  # filling every hole shared it all out
+    assert f1_at_iou(seg.cells, truth, thr=0.8) == 1.0
+
+
 def test_non_square_image_keeps_its_geometry():
     img, truth = two_cell_image()
     wide = np.zeros((256, 400, 4), np.float32)
@@ -215,12 +248,12 @@ def test_classic_f1_on_real_samples(real_hpa):
     from hpasc.io import read_image
 
     scores = []
-    for image_id in SAMPLE_IDS:
+    for image_id in (*SAMPLE_IDS, DENSE_ID):
         truth = cv2.imread(str(real_hpa / "sample" / f"{image_id}_cellmask.png"), cv2.IMREAD_UNCHANGED)
         seg = segment(read_image(real_hpa / "sample", image_id))
         assert seg.cells.shape == truth.shape
         scores.append(f1_at_iou(seg.cells, truth.astype(np.int32)))
-    assert min(scores) >= 0.85, scores
+    assert min(scores) >= 0.8, scores  # issue #17: no image below 0.80 (the dense one: 0.824)
     assert np.mean(scores) >= 0.9, scores
 
 

@@ -8,7 +8,9 @@ Steps, at a reduced working scale (``cfg.scale``, 0.25 for HPA images: 512 px):
    any h-maximum seeds itself);
 2. cell foreground: the mean of the percentile-normalised red, blue and yellow channels, smoothed,
    above its triangle threshold (the histogram is dominated by the dark background peak, which the
-   triangle method handles better than Otsu: a foreground IoU of about 0.9 against 0.6);
+   triangle method handles better than Otsu: a foreground IoU of about 0.9 against 0.6); only small
+   holes are filled (``hole_area``): a dark gap enclosed by a ring of cells is background, and filling it
+   let the cells around it spread into it (the dense real sample 94e33c64: F1@0.6 0.706 -> 0.824);
 3. cells: a watershed seeded by the nuclei over an elevation that is mostly the distance to the nearest
    nucleus plus a little of the (negated) cell intensity, so boundaries fall half-way between nuclei
    but bend into the dim gaps between cells;
@@ -56,6 +58,7 @@ class ClassicParams:
     seed_h: float = 3.0  # h-maxima depth (px) splitting touching nuclei
     cell_sigma: float = 2.0  # smoothing of the cell-channel mean
     cell_threshold: float = 1.0  # factor on the triangle threshold
+    hole_area: float | None = 250.0  # foreground holes up to this area (px) are filled; None: every hole
     distance_scale: float = 250.0  # elevation = distance to nucleus / distance_scale - intensity
     channel_percentile: float = 99.0  # per-channel normalisation of the cell channels
     min_signal: float = 0.02  # a channel whose top percentile is below this is empty (noise only)
@@ -70,7 +73,8 @@ class ClassicParams:
             self, nucleus_sigma=self.nucleus_sigma * length, distance_sigma=self.distance_sigma * length,
             seed_h=self.seed_h * length, cell_sigma=self.cell_sigma * length,
             distance_scale=self.distance_scale * length,
-            nucleus_min_area=max(1, round(self.nucleus_min_area * length ** 2)))
+            nucleus_min_area=max(1, round(self.nucleus_min_area * length ** 2)),
+            hole_area=None if self.hole_area is None else self.hole_area * length ** 2)
 
 
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -162,7 +166,7 @@ class ClassicBackend(Backend):
             fg = intensity > threshold_triangle(intensity) * p.cell_threshold
         else:
             fg = np.zeros_like(nuc_mask)
-        fg = ndi.binary_fill_holes(fg | nuc_mask)
+        fg = fill_holes(fg | nuc_mask, p.hole_area)
         elevation = ndi.distance_transform_edt(~nuc_mask).astype(np.float32) / p.distance_scale
         elevation -= intensity
         cells = watershed(elevation, nuclei, mask=fg).astype(np.int32)
@@ -173,6 +177,20 @@ class ClassicBackend(Backend):
             return cells
         cyto_intensity = _blur((chans[..., cyto] / top[cyto]).mean(axis=2), p.cell_sigma)
         return merge_undivided(cells, nuclei, cyto_intensity, p.merge_ratio)
+
+
+def fill_holes(mask: np.ndarray, max_area: float | None) -> np.ndarray:
+    """``mask`` with its holes filled, only those of at most ``max_area`` pixels unless None."""
+    if max_area is None:
+        return ndi.binary_fill_holes(mask)
+    holes, n = ndi.label(~mask)
+    if n == 0:
+        return mask
+    small = np.bincount(holes.ravel()) <= max_area
+    for edge in (holes[0], holes[-1], holes[:, 0], holes[:, -1]):
+        small[edge] = False  # background reaching the image edge is not a hole
+    small[0] = False
+    return mask | small[holes]
 
 
 def _neighbour_values(*images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
