@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
 from skimage.measure import regionprops
 from skimage.segmentation import expand_labels
@@ -71,12 +70,12 @@ class FieldStats:
 
 
 def _reduced(cells: np.ndarray) -> np.ndarray:
-    side = max(cells.shape)
-    if side <= GEOMETRY_SIDE:
+    from ..segmentation.postprocess import resize_labels
+
+    f = GEOMETRY_SIDE / max(cells.shape)
+    if f >= 1:
         return cells
-    f = GEOMETRY_SIDE / side
-    size = (max(1, round(cells.shape[1] * f)), max(1, round(cells.shape[0] * f)))
-    return cv2.resize(cells.astype(np.float32), size, interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    return resize_labels(cells, (max(1, round(cells.shape[0] * f)), max(1, round(cells.shape[1] * f))), "nearest")
 
 
 def touching_cells(cells: np.ndarray, gap: int) -> np.ndarray:
