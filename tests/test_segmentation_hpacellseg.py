@@ -328,8 +328,19 @@ def _golden_case(backend, image, folder: Path, image_id: str) -> None:
         np.testing.assert_allclose(golden_layout(prob), expected, atol=1e-4, rtol=0, err_msg=role)
     shape = image.shape[:2]
     nuclei, cells = label_cell(restore(nuc, shape, True), restore(cell, shape, False))
-    np.testing.assert_array_equal(cells, _golden16(folder / f"{image_id}_cell_labels.png"))
-    np.testing.assert_array_equal(nuclei, _golden16(folder / f"{image_id}_nuclei_labels.png"))
+    _assert_same_labels(cells, _golden16(folder / f"{image_id}_cell_labels.png"), f"{image_id} cells")
+    _assert_same_labels(nuclei, _golden16(folder / f"{image_id}_nuclei_labels.png"), f"{image_id} nuclei")
+
+
+def _assert_same_labels(ours: np.ndarray, golden: np.ndarray, what: str) -> None:
+    """The same cells, pixel for pixel but for a few on thresholds and watershed ties: convolutions round
+    differently on another CPU (the probability maps still agree to 1e-4), and a value sitting on a
+    threshold or a tie between two cells flips a pixel. Seen on an AMD EPYC, where the goldens' machine
+    gave none: 2 / 32 / 0 / 33 of 4.2 million pixels, 18 of 3 million on the 1728 px crop. Allowed: 1 in
+    20,000, the same number of cells."""
+    assert ours.shape == golden.shape and ours.max() == golden.max(), what
+    differ = int(np.count_nonzero(ours != golden))
+    assert differ <= ours.size // 20_000, f"{what}: {differ} pixels differ"
 
 
 def _golden_backend(zoo_files, padding="auto"):
@@ -349,7 +360,7 @@ SAMPLES = ("000a6c98-bb9b-11e8-b2b9-ac1f6b6435d0", "94e33c64-bb9b-11e8-b2b9-ac1f
 @pytest.mark.parametrize("image_id", SAMPLES, ids=[s[:8] for s in SAMPLES])
 def test_golden_outputs_of_the_original(zoo_files, real_hpa, image_id):
     """The original CellSegmentator + label_cell with these weights (scripts/hpacellseg_golden.py):
-    probability maps to 1e-4, label maps identical."""
+    probability maps to 1e-4, label maps identical but for pixels on the thresholds."""
     from hpasc.io import read_image
 
     _golden_case(_golden_backend(zoo_files), read_image(real_hpa / "sample", image_id), GOLDEN, image_id)
@@ -365,5 +376,5 @@ def test_golden_outputs_padded_and_through_segment(zoo_files, real_hpa):
     image = read_image(real_hpa / "sample", SAMPLES[3])[160: 160 + 1728, :1728]
     _golden_case(_golden_backend(zoo_files), image, GOLDEN / "padded", "f0ac7116crop1728")
     seg = _golden_backend(zoo_files).segment(image)
-    np.testing.assert_array_equal(seg.cells, _golden16(GOLDEN / "padded" / "f0ac7116crop1728_cell_labels.png"))
+    _assert_same_labels(seg.cells, _golden16(GOLDEN / "padded" / "f0ac7116crop1728_cell_labels.png"), "segment()")
     assert seg.n == seg.cells.max() and seg.border.shape == (seg.n,)
