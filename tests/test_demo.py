@@ -95,11 +95,15 @@ def test_the_demo_plans_epochs_unless_they_are_given(tmp_path, monkeypatch, caps
     monkeypatch.setattr(segmentation, "segment_folder", stop)
     data = tmp_path / "data"
     synthesize(data, n_train=24, n_test=2, size=128, seed=1, workers=1)
-    for overrides, epochs in (((), 228), (("train.epochs=3",), 3)):  # 4 folds of 24: 18 images a fold
-        work = tmp_path / f"w{len(overrides)}"
+    # 4 folds of 24: 18 images a fold; the 12 + 4 epochs of tiny.yaml's two rounds stretched to
+    # 4096 / 18 = 228 in all, alike: 12 x 228 / 16 = 171 and 4 x 228 / 16 = 57
+    for i, (overrides, epochs) in enumerate((((), (171, 57)), (("train.epochs=3",), (3, 4)),
+                                             (("pseudo.epochs=2",), (12, 2)))):
+        work = tmp_path / f"w{i}"
         with pytest.raises(Planned):
             run_demo(work, data_dir=data, overrides=overrides, verbose=False)
-        assert load_config(work / "demo_config.yaml").train.epochs == epochs
+        cfg = load_config(work / "demo_config.yaml")
+        assert (cfg.train.epochs, cfg.pseudo.epochs) == epochs
     # planning comes after the folds' own check: one fold is a one-line error, not a traceback
     assert main(["demo", "--work", str(tmp_path / "one"), "--data", str(data), "--folds", "1"]) == 2
     err = capsys.readouterr().err

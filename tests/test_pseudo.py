@@ -8,10 +8,10 @@ from builders import build_world, hand_made_cells, perfect, tiny_cfg
 
 from hpasc import runs
 from hpasc.cells.truth import match_label_maps, truth_cell_labels
-from hpasc.config import ConfigError, load_config
+from hpasc.config import ConfigError, load_config, replace
 from hpasc.data import select_cells
 from hpasc.labels import NEGATIVE, NUM_CLASSES, multihot_matrix, to_multihot
-from hpasc.training.pseudo import PseudoLabelError, pseudo_targets, round_targets
+from hpasc.training.pseudo import PseudoLabelError, pseudo_targets, round_config, round_targets
 
 
 # --------------------------------------------------------------------------- matching cells to truth
@@ -126,6 +126,26 @@ def test_rounds_have_their_own_folders_and_groups(tmp_path):
         load_config(None, ["pseudo.weight=1.5"])
 
 
+def test_a_round_takes_its_epochs_lr_and_the_previous_rounds_weights(tmp_path):
+    cfg = tiny_cfg(tmp_path, "pseudo.rounds=2", "train.epochs=12", "train.lr=0.006", "pseudo.epochs=4",
+                   "pseudo.lr=0.002", "pseudo.init=previous")
+    assert round_config(cfg, 1, 0) is cfg  # round 0 is the config itself
+    with pytest.raises(PseudoLabelError, match="round 1's weights .*round1/fold1/best.pt does not exist"):
+        round_config(cfg, 1, 2)
+    best = runs.run_dir(cfg, 1, 1) / runs.BEST_FILE
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"")
+    second = round_config(cfg, 1, 2)
+    assert (second.train.epochs, second.train.lr, second.model.pretrained) == (4, 0.002, str(best))
+    assert (second.pseudo, second.data) == (cfg.pseudo, cfg.data)
+    plain = tiny_cfg(tmp_path, "pseudo.rounds=1")
+    assert round_config(plain, 1, 1) == plain  # nothing set: a round from scratch, like round 0
+    with pytest.raises(ConfigError, match="pseudo.init: unknown choice .warm.; choices: scratch \\| previous"):
+        load_config(None, ["pseudo.init=warm"])
+    with pytest.raises(ConfigError, match="pseudo.epochs"):
+        load_config(None, ["pseudo.epochs=0"])
+
+
 def test_train_rejects_a_round_the_config_does_not_have(tmp_path):
     from hpasc.train import train_folds
 
@@ -152,6 +172,17 @@ def test_a_pseudo_label_round_trains_from_round_zero(tmp_path, one_torch_thread)
     out = train_on(cfg, data, runs.run_dir(cfg, 0, 1))
     assert out == tmp_path / "runs" / "hand" / "round1" / "fold0"
     assert (out / runs.OOF_FILE).is_file() and (out / runs.BEST_FILE).is_file()
+    # a warm round at learning rate 0 keeps round 0's weights: it started from them
+    import torch
+
+    warm_cfg = replace(cfg, **{"pseudo.init": "previous", "pseudo.lr": 0.0})
+    warm = round_config(warm_cfg, 0, 1)
+    assert warm.model.pretrained == str(runs.run_dir(cfg, 0) / runs.BEST_FILE)
+    out = train_on(warm, data, tmp_path / "warm" / "fold0")
+    before = torch.load(runs.run_dir(cfg, 0) / runs.BEST_FILE, weights_only=True)["model"]
+    after = torch.load(out / runs.BEST_FILE, weights_only=True)["model"]
+    convs = [k for k, v in before.items() if v.ndim == 4]
+    assert convs and all(torch.equal(before[k], after[k]) for k in convs)
 
 
 # --------------------------------------------------------------------------- the cell-level CV view

@@ -192,6 +192,29 @@ def test_fill_holes_fills_only_small_enclosed_holes():
     np.testing.assert_array_equal(fill_holes(mask, 0), mask)
 
 
+def test_h_maxima_hand_computed_and_as_scikit_image():
+    from skimage.morphology import h_maxima as skimage_h_maxima
+
+    from hpasc.segmentation.classic import h_maxima
+
+    # two peaks 5 and 3 high over a floor of 1, a saddle of 2 between them: with h = 2 only the
+    # higher stands 2 above every path to higher ground (the lower one only 1 above the saddle)
+    line = np.array([[1, 5, 2, 3, 1]], np.float32)
+    np.testing.assert_array_equal(h_maxima(line, 2.0), [[0, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(h_maxima(line, 0.5), [[0, 1, 0, 1, 0]])
+    assert not h_maxima(line, 10.0).any()  # h above the image's range: no maxima
+    with pytest.raises(ValueError, match="h must be > 0"):
+        h_maxima(line, 0.0)
+    # distance maps of random blobs, the input the classic backend gives it: identical to scikit-image
+    rng = np.random.default_rng(3)
+    from scipy import ndimage as ndi
+    for trial in range(6):
+        blobs = ndi.gaussian_filter(rng.random((96, 128)), 4) > 0.5
+        dist = ndi.gaussian_filter(ndi.distance_transform_edt(blobs).astype(np.float32), 1.0)
+        for h in (0.7, 3.0):
+            np.testing.assert_array_equal(h_maxima(dist, h), skimage_h_maxima(dist, h), err_msg=f"{trial} {h}")
+
+
 def test_a_gap_enclosed_by_cells_stays_background():
     """Four cells round a dark square: their foreground rings it, and the square is not shared out."""
     img = np.zeros((256, 256, 4), np.float32)

@@ -412,7 +412,7 @@ def test_cli_trains_a_fold_of_synthetic_data_end_to_end(synth_small, tmp_path):
     args = ["train", str(REPO / "configs" / "tiny.yaml"), "--fold", "1",
             f"data.root={synth_small}", f"data.folds_csv={tmp_path / 'folds.csv'}", f"data.work_dir={tmp_path}",
             f"data.truth_csv={synth_small / 'truth' / 'train.csv'}", f"train.out_dir={tmp_path / 'runs'}",
-            "train.epochs=2", "train.val_every=1", "train.num_workers=0", "cells.size=48", "pseudo.rounds=1"]
+            "train.epochs=2", "train.val_every=1", "train.num_workers=0", "cells.size=48", "pseudo.epochs=2"]
     assert main(args) == 0
     run = tmp_path / "runs" / "tiny" / "fold1"
     log = pd.read_csv(run / "log.csv")
@@ -422,9 +422,10 @@ def test_cli_trains_a_fold_of_synthetic_data_end_to_end(synth_small, tmp_path):
     assert set(oof.ID) == val_ids  # every validation image, all of its cells
     cells = pd.read_csv(next((tmp_path / "cells").glob("*/cells.csv")))
     assert len(oof) == int(cells.ID.isin(val_ids).sum())
-    # with one pseudo-label round: round 1 learned from round 0's out-of-fold cells
+    # tiny.yaml's pseudo-label round: round 1 learned from round 0's out-of-fold cells, from its weights
     round1 = tmp_path / "runs" / "tiny" / "round1" / "fold1"
     assert len(pd.read_csv(round1 / "log.csv")) == 2 and set(pd.read_csv(round1 / "oof.csv").ID) == val_ids
+    assert load_config(round1 / "config.yaml").model.pretrained == str(run / "best.pt")
     assert main(args + ["--round", "3"]) == 2  # the config has rounds 0..1
     assert main(args + ["--resume"]) == 0  # finished: nothing to do, still fine
     assert main(["train", str(REPO / "configs" / "tiny.yaml"), "model.pretrained=/nope.pth",

@@ -78,24 +78,29 @@ class BatchAugment:
         noise = touched & ~blur
         kernel5 = chance(0.5)
         noise_std = uniform(*self.noise_std, n)
-        noise_field = torch.randn(x.shape, generator=gen) if bool(noise.any()) else None
+        noisy = torch.nonzero(noise).flatten()
+        noise_field = torch.randn((len(noisy),) + tuple(x.shape[1:]), generator=gen)  # the noisy crops' only
 
         dev = x.device
         mean = torch.tensor(self.mean, device=dev).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=dev).view(1, -1, 1, 1)
         grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=False)
         unit = F.grid_sample(x * std + mean, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        unit = unit.clamp(0, 1).pow(power.to(dev).view(n, c, 1, 1)) * gain.to(dev).view(n, c, 1, 1)
-        unit = (unit + bias.to(dev).view(n, c, 1, 1)).clamp(0, 1)
+        unit = unit.clamp(0, 1)
+        lit_rows = torch.nonzero(lit.flatten()).flatten().to(dev)
+        if len(lit_rows):  # gamma, gain and bias of the crops drawn for it (pow is dear: not on the others)
+            k = len(lit_rows)
+            unit[lit_rows] = ((unit[lit_rows].pow(power[lit.flatten()].to(dev).view(k, c, 1, 1))
+                               * gain[lit.flatten()].to(dev).view(k, c, 1, 1)
+                               + bias[lit.flatten()].to(dev).view(k, c, 1, 1)).clamp(0, 1))
         changed = {}  # only the few crops picked for blur or noise are computed (a depthwise conv is slow on CPUs)
         for size, pick in ((3, blur & ~kernel5), (5, blur & kernel5)):
             rows = torch.nonzero(pick).flatten()
             if len(rows):
                 changed[size] = (rows.to(dev), _gaussian(unit[rows.to(dev)], size))
-        rows = torch.nonzero(noise).flatten()
-        if len(rows):
-            sub = unit[rows.to(dev)] + noise_field[rows].to(dev, x.dtype) * noise_std[rows].to(dev).view(-1, 1, 1, 1)
-            changed["noise"] = (rows.to(dev), sub.clamp(0, 1))
+        if len(noisy):
+            sub = unit[noisy.to(dev)] + noise_field.to(dev, x.dtype) * noise_std[noisy].to(dev).view(-1, 1, 1, 1)
+            changed["noise"] = (noisy.to(dev), sub.clamp(0, 1))
         if changed:
             unit = unit.clone()
             for rows, values in changed.values():

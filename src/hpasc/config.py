@@ -147,6 +147,9 @@ class PseudoConfig:
     power: float = 1.0  # sharpening exponent of the scaled probabilities
     negative: bool = True  # per-cell Negative target (1 - the cell's largest image-label target)
     weight: float = 1.0  # target = weight * pseudo + (1 - weight) * image labels
+    init: str = "scratch"  # scratch | previous: round r starts from round r-1's best.pt of the same fold
+    epochs: int | None = None  # epochs of rounds >= 1 (None: train.epochs)
+    lr: float | None = None  # peak learning rate of rounds >= 1 (None: train.lr)
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,8 @@ _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "PseudoConfig.rounds": _within(0, 20),
     "PseudoConfig.power": _above(0),
     "PseudoConfig.weight": _within(0, 1),
+    "PseudoConfig.epochs": _at_least(1),
+    "PseudoConfig.lr": _at_least(0),
     "InferenceConfig.alpha": _at_least(0),
     "InferenceConfig.topk": _at_least(1),
     "InferenceConfig.border_weight": _within(0, 1),
@@ -334,6 +339,7 @@ CHOICES: dict[str, str] = {
     "LossConfig.mil_pool": "hpasc.losses:MIL_POOLS",
     "TrainConfig.select_metric": "hpasc.training.loop:SELECT_METRICS",
     "PseudoConfig.scale": "hpasc.training.pseudo:PSEUDO_SCALES",
+    "PseudoConfig.init": "hpasc.training.pseudo:PSEUDO_INITS",
     "InferenceConfig.recipe": "hpasc.confidence:RECIPES",
     "InferenceConfig.image_agg": "hpasc.confidence:IMAGE_AGGREGATIONS",
     "InferenceConfig.negative": "hpasc.confidence:NEGATIVE_MODES",

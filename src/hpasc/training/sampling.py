@@ -153,6 +153,14 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def __getitems__(self, keys):
+        """A batch of ``(epoch, index)`` keys: one batched fetch when nothing is random per item (the
+        wrapped dataset's ``__getitems__``), else item by item, each reseeded."""
+        fetch = getattr(self.dataset, "__getitems__", None)
+        if self.random or fetch is None:
+            return [self[key] for key in keys]
+        return fetch([index for _, index in keys])
+
     def __getitem__(self, key):
         epoch, index = key
         if not self.random:
