@@ -386,18 +386,18 @@ def test_shards_built_on_two_machines_merge_by_file_name(tmp_path, monkeypatch):
                  "--shard", "2/2"]) == 2
 
 
-def test_cell_channel_max_and_the_tables_stain():
-    from hpasc.cells.features import cell_channel_max, table_stain
+def test_cell_channel_mean_and_the_tables_stain():
+    from hpasc.cells.features import cell_channel_mean, table_stain
 
     image = np.zeros((4, 6, 4), np.uint16)
     cells = np.zeros((4, 6), np.int32)
     cells[:, :2], cells[:, 2:4], cells[:, 4:] = 1, 2, 3
-    image[1, 0, 1], image[2, 3, 1], image[0, 5, 1] = 100, 40, 7
+    image[1, 0, 1], image[2, 3, 1], image[0, 5, 1] = 100, 40, 8  # each cell has 8 pixels
     image[0, 3, 0] = 999  # red: not the protein channel
-    assert cell_channel_max(image, cells).tolist() == [100, 40, 7]
-    assert cell_channel_max(image, cells, "red").tolist() == [0, 999, 0]
-    table = pd.DataFrame({"ID": ["a", "b", "a", "a"], "max_green": [10.0, 3.0, 0.0, 20.0]})
-    # image a: 90th percentile of (10, 0, 20) = 18; image b alone
-    assert table_stain(table) == pytest.approx([10 / 18, 1.0, 0.0, 1.0])
-    with pytest.raises(ValueError, match="max_green"):
-        table_stain(table.drop(columns="max_green"))
+    assert cell_channel_mean(image, cells).tolist() == [12.5, 5.0, 1.0]
+    assert cell_channel_mean(image, cells, "red").tolist() == [0, 999 / 8, 0]
+    table = pd.DataFrame({"ID": ["a", "b", "a", "a"], "mean_green": [10.0, 3.0, 2.0, 20.0]})
+    # image a: dimmest 2, 90th percentile of (10, 2, 20) = 18; image b alone
+    assert table_stain(table) == pytest.approx([8 / 16, 1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="mean_green"):
+        table_stain(table.drop(columns="mean_green"))

@@ -133,12 +133,16 @@ def test_combine_grouped_equals_per_image_combine(agg, recipe, negative):
     assert combine_grouped(np.zeros((0, 19)), np.array([]), c).shape == (0, 19)
 
 
-def test_relative_stain_against_the_images_90th_percentile():
+def test_relative_stain_from_the_dimmest_cell_to_the_images_90th_percentile():
     from hpasc.confidence import relative_stain
 
-    # 90th percentile of (0, 10, 20, 30, 40) with linear interpolation = 36
-    assert relative_stain(np.array([0, 10, 20, 30, 40], np.uint16)) == pytest.approx([0, 10 / 36, 20 / 36, 30 / 36, 1])
+    # 90th percentile of (4, 10, 20, 30, 40) with linear interpolation = 36; the dimmest cell (4) is 0
+    assert relative_stain(np.array([4, 10, 20, 30, 40], np.uint16)) == pytest.approx([0, 6 / 32, 16 / 32, 26 / 32, 1])
+    # an offset (background) or a gain (bit depth) changes nothing
+    values = np.array([0.02, 0.5, 0.3, 0.9])
+    assert relative_stain(values * 65535) == pytest.approx(relative_stain(values + 0.1))
     assert relative_stain(np.array([5.0])) == pytest.approx([1.0])  # one cell is its own reference
+    assert relative_stain(np.full(3, 7.0)).tolist() == [1.0, 1.0, 1.0]  # one signal everywhere: all stained
     assert relative_stain(np.zeros(3)).tolist() == [0.0, 0.0, 0.0]  # no signal at all: every cell unstained
     assert relative_stain(np.zeros(0)).shape == (0,)
 
@@ -155,3 +159,10 @@ def test_stain_negative_needs_no_class_and_no_signal():
     assert np.array_equal(np.delete(out, 18, 1), np.delete(probs, 18, 1)) and probs[1, 18] == 0  # a copy
     with pytest.raises(ValueError, match="stain"):
         stain_negative(probs, np.ones(2))
+    # the gate: classes 0..17 scaled by stain ** gate first, then Negative from what is left
+    gated = stain_negative(probs, np.array([1.0, 0.2, 0.5]), gate=1.0)
+    assert gated[:, 4] == pytest.approx([0.9, 0.1 * 0.2, 0.0])
+    assert gated[:, 18] == pytest.approx([0.0, (1 - 0.02) * 0.8, 0.95])
+    assert stain_negative(probs, np.array([1.0, 0.2, 0.5]), gate=0.5)[1, 4] == pytest.approx(0.1 * 0.2 ** 0.5)
+    with pytest.raises(ValueError, match="gate must be >= 0"):
+        stain_negative(probs, np.ones(3), gate=-1)

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from hpasc.cli import main
+from hpasc.config import load_config
 from hpasc.metric import score
 from hpasc.submission import validate_submission
 
@@ -12,9 +13,9 @@ from hpasc.submission import validate_submission
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_beats_the_image_level_baselines(tmp_path, one_torch_thread):
     work = tmp_path / "demo"
-    # with a pseudo-label round (the tiny config has none: at its budget epochs paid more), half the epochs
+    # the tiny config's two rounds: 8 epochs on the image labels (given: kept), 4 from those weights
     code = main(["demo", "--work", str(work), "--train", "24", "--test", "6", "--size", "256", "--folds", "3",
-                 "pseudo.rounds=1", "train.epochs=8"])
+                 "train.epochs=8"])
     result = json.loads((work / "demo_result.json").read_text())
     # the contract: mAP, submission, truth, baselines {name: mAP}; runs left in DIR/runs
     assert {"mAP", "submission", "truth", "baselines"} <= set(result)
@@ -26,6 +27,13 @@ def test_demo_runs_end_to_end_and_beats_the_image_level_baselines(tmp_path, one_
     for run in [tiny / f"fold{k}" for k in range(3)] + [tiny / "round1" / f"fold{k}" for k in range(3)]:
         assert {"config.yaml", "best.pt", "last.pt", "log.csv", "oof.csv", "curves.png"} <= {
             p.name for p in run.iterdir()}
+    assert len(pd.read_csv(tiny / "round1" / "fold2" / "log.csv")) == 4
+    assert load_config(tiny / "round1" / "fold2" / "config.yaml").model.pretrained == str(tiny / "fold2" / "best.pt")
+    # the recipe's alpha chosen on the out-of-fold cells (the training images have cell truth)
+    from hpasc.blend import DEFAULT_ALPHAS
+
+    assert result["recipe"]["alpha"] in DEFAULT_ALPHAS and (work / "recipe.yaml").is_file()
+    assert result["recipe"]["oof_mAP"] >= result["recipe"]["config_oof_mAP"]
     # the submission is valid, covers the sample's IDs, and the reported mAP is its score
     sample = work / "data" / "sample_submission.csv"
     assert validate_submission(result["submission"], sample) == []
@@ -82,7 +90,6 @@ def test_budget_epochs_train_every_model_as_long_as_the_demo_does():
 def test_the_demo_plans_epochs_unless_they_are_given(tmp_path, monkeypatch, capsys):
     # stop the demo right after planning (at segmentation) and read the config it saved
     import hpasc.segmentation as segmentation
-    from hpasc.config import load_config
     from hpasc.demo import run_demo
     from hpasc.synthetic import synthesize
 

@@ -246,7 +246,7 @@ def test_predict_writes_a_valid_submission_and_cell_probs(synth_small, runs, mas
 
 
 def test_stain_negative_raises_negative_of_the_unstained_cells_only(synth_small, runs, masks, tmp_path):
-    from hpasc.cells.features import cell_channel_max
+    from hpasc.cells.features import cell_channel_mean
     from hpasc.confidence import relative_stain, stain_negative
     from hpasc.io import read_image
     from hpasc.segmentation import read_masks
@@ -265,7 +265,7 @@ def test_stain_negative_raises_negative_of_the_unstained_cells_only(synth_small,
     raised = 0
     for image_id, p in plain.items():
         cells = read_masks(masks, image_id)[0]
-        stain = relative_stain(cell_channel_max(read_image(synth_small / "test", image_id), cells))
+        stain = relative_stain(cell_channel_mean(read_image(synth_small / "test", image_id), cells))
         assert np.allclose(stained[image_id], stain_negative(p, stain), atol=1e-6)
         raised += int((stained[image_id][:, 18] > p[:, 18] + 1e-3).sum())
     assert raised > 0  # the synthetic Negative cells have no green: some cells are raised

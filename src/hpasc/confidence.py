@@ -151,29 +151,40 @@ def _negative(conf: np.ndarray, cell: np.ndarray, image: np.ndarray, mode: str) 
 STAIN_REFERENCE_PERCENTILE = 90.0  # a cell's stain is measured against this percentile of its image's cells
 
 
-def relative_stain(cell_max: np.ndarray) -> np.ndarray:
-    """One image's cells' protein signal (their brightest green pixel, any scale) -> [0, 1]: over the
-    90th percentile of the image's cells, so a bright outlier cell does not set the scale."""
-    values = np.asarray(cell_max, np.float64).reshape(-1)
+def relative_stain(cell_signal: np.ndarray) -> np.ndarray:
+    """One image's cells' protein signal (their mean green, any scale) -> [0, 1]: the image's dimmest
+    cell is 0 and its 90th percentile 1, so neither the background offset nor a bright outlier cell sets
+    the scale (cells of one uniform signal are all 1, or all 0 without any signal)."""
+    values = np.asarray(cell_signal, np.float64).reshape(-1)
     if values.size == 0:
         return np.zeros(0, np.float32)
+    low = float(values.min())
     top = float(np.percentile(values, STAIN_REFERENCE_PERCENTILE))
-    return np.clip(values / max(top, 1e-12), 0.0, 1.0).astype(np.float32)
+    if top - low <= 1e-9 * max(abs(top), 1e-12):
+        return np.full(values.shape, 1.0 if top > 0 else 0.0, np.float32)
+    return np.clip((values - low) / (top - low), 0.0, 1.0).astype(np.float32)
 
 
-def stain_negative(cell_probs: np.ndarray, stain: np.ndarray) -> np.ndarray:
+def stain_negative(cell_probs: np.ndarray, stain: np.ndarray, gate: float = 0.0) -> np.ndarray:
     """Cell probabilities with Negative raised for cells that show neither a class nor protein signal:
     ``p[18] = max(p[18], (1 - max(p[0..17])) * (1 - stain))``, ``stain`` from ``relative_stain``.
 
     Negative means "no staining in this cell"; images labelled Negative are rare (0.16 % of the
     competition's training images), so a model learns little about Negative cells inside positive images.
     Both factors are needed: a dim cell of a dim pattern keeps its class, a bright cell is never Negative.
+    ``gate`` > 0 first scales the classes 0..17 by ``stain ** gate`` (``inference.stain_gate``): a cell
+    without protein signal cannot show a localisation, whatever the image's labels taught the model.
     """
     probs = _check_probs(cell_probs)
     stain = _per_cell(stain, len(probs), "stain", np.float32)
     if stain is None:
         raise ValueError("stain_negative needs one stain value per cell")
+    if gate < 0:
+        raise ValueError(f"stain_negative: gate must be >= 0, got {gate}")
     out = probs.astype(np.float32, copy=True)
+    if gate > 0:
+        keep = np.arange(NUM_CLASSES) != NEGATIVE
+        out[:, keep] *= np.power(np.clip(stain, 0, 1), np.float32(gate))[:, None]
     unstained = (1.0 - np.delete(out, NEGATIVE, axis=1).max(axis=1, initial=0.0)) * (1.0 - np.clip(stain, 0, 1))
     out[:, NEGATIVE] = np.maximum(out[:, NEGATIVE], unstained)
     return out

@@ -165,6 +165,7 @@ class InferenceConfig:
     floor: float = 0.0  # confidences below are not written
     vote_threshold: float = 0.5  # image_agg vote: a cell votes for a class at this probability
     stain_negative: bool = False  # Negative also from the lack of protein signal (hpasc.confidence.stain_negative)
+    stain_gate: float = 0.0  # with stain_negative: classes 0..17 scaled by stain ** stain_gate (0: off)
 
 
 @dataclass(frozen=True)
@@ -324,6 +325,7 @@ _RULES: dict[str, _Rule | tuple[_Rule, ...]] = {
     "InferenceConfig.batch_size": _at_least(1),
     "InferenceConfig.floor": _within(0, 1),
     "InferenceConfig.vote_threshold": _within(0, 1),
+    "InferenceConfig.stain_gate": _at_least(0),
 }
 
 # "<Section class>.<field>" -> "module:attribute" naming the registry (a mapping or a sequence of

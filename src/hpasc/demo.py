@@ -26,9 +26,10 @@ from .labels import CLASS_NAMES, to_multihot
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 # What the demo trains in its ten minutes on 2 CPU cores, in image-epochs (training images seen, summed
-# over folds): 2 folds of 512 images x 16 epochs train in about 6 minutes (issue #12).
+# over folds and rounds): 2 folds of 512 images x (12 + 4) epochs train in about 6 minutes (issue #12).
 TRAIN_BUDGET = 8192
-# What every model trains for at least, in image-epochs: one of those two folds (256 images x 16 epochs).
+# What every model trains for at least, in image-epochs over its rounds: one of those two folds (256
+# images x 16 epochs).
 # A smaller dataset trains more epochs instead of fewer steps, at up to MAX_FOLDS x MODEL_BUDGET in all.
 MODEL_BUDGET = 4096
 MAX_FOLDS = 4

@@ -51,23 +51,27 @@ def _unit_float(image: np.ndarray) -> np.ndarray:
     return scaled if scaled is not None else np.asarray(image, dtype=np.float32)
 
 
-def cell_channel_max(image: np.ndarray, cells: np.ndarray, channel: str = "green") -> np.ndarray:
-    """The brightest pixel of ``channel`` in each cell 1..n (n,), in the image's own units."""
+def cell_channel_mean(image: np.ndarray, cells: np.ndarray, channel: str = "green") -> np.ndarray:
+    """The mean of ``channel`` over each cell 1..n (n,), in the image's own units (0 for an empty id)."""
     n = int(cells.max()) if cells.size else 0
     plane = np.ascontiguousarray(np.asarray(image)[..., CHANNELS.index(channel)][..., None])
-    return _channel_stats(plane, np.ascontiguousarray(cells, np.int32), n)[2][1:, 0]
+    count, sums, _ = _channel_stats(plane, np.ascontiguousarray(cells, np.int32), n)
+    return (sums[1:, 0] / np.maximum(count[1:], 1)).astype(np.float64)
+
+
+STAIN_COLUMN = "mean_green"  # the cell table's measure of a cell's protein signal (hpasc.confidence.relative_stain)
 
 
 def table_stain(table: pd.DataFrame) -> np.ndarray:
-    """``hpasc.confidence.relative_stain`` of every row of a cell table (its ``max_green`` against the
+    """``hpasc.confidence.relative_stain`` of every row of a cell table (its ``mean_green`` against the
     other cells of its image), in row order."""
     from ..confidence import relative_stain
 
-    if "max_green" not in table:
-        raise ValueError("the cell table has no max_green column (rebuild the cell cache)")
+    if STAIN_COLUMN not in table:
+        raise ValueError(f"the cell table has no {STAIN_COLUMN} column (rebuild the cell cache)")
     out = np.zeros(len(table), np.float32)
     for rows in table.groupby("ID", sort=False).indices.values():
-        out[rows] = relative_stain(table["max_green"].to_numpy()[rows])
+        out[rows] = relative_stain(table[STAIN_COLUMN].to_numpy()[rows])
     return out
 
 

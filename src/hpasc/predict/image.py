@@ -53,7 +53,7 @@ def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cf
     """Read, segment, crop and encode one image (with ``stain``: also each cell's relative protein signal,
     for ``inference.stain_negative``). Failures become ``Prepared.error`` (never raised)."""
     from ..cells import extract_crops
-    from ..cells.features import cell_channel_max
+    from ..cells.features import cell_channel_mean
     from ..confidence import relative_stain
     from ..io import read_image
     from ..rle import encode_label_map
@@ -91,7 +91,7 @@ def prepare_image(images_dir: Path, image_id: str, size: tuple[int, int], seg_cf
                 crops = extract_crops(image, label_map, cells_cfg.size, cells_cfg.padding, cells_cfg.neighbours)
                 out.crops[key] = crops[ids - 1]
         if stain:
-            out.stain = relative_stain(cell_channel_max(image, label_map)[ids - 1])
+            out.stain = relative_stain(cell_channel_mean(image, label_map)[ids - 1])
         del image
         out.seconds["crop"] = clock() - t
         out.cell_ids = ids

@@ -186,7 +186,7 @@ class _Run:
             return
         try:
             if self.infer.stain_negative:
-                probs = stain_negative(probs, p.stain)
+                probs = stain_negative(probs, p.stain, self.infer.stain_gate)
             self.rows[p.image_id] = _row(p.encodings, p.cell_ids, probs, self.infer, p.border, p.rel_area, image)
         except Exception as exc:  # noqa: BLE001 - e.g. a recipe that rejects these values
             self.fail(p.image_id, f"confidence recipe failed ({type(exc).__name__}: {exc})")

@@ -104,7 +104,7 @@ def evaluate(model: nn.Module, crops: np.ndarray, rows: np.ndarray, targets: np.
     if cfg.inference.stain_negative and len(probs):
         if stain is None:
             raise ValueError("inference.stain_negative: validation needs each cell's stain")
-        probs = stain_negative(probs, stain)
+        probs = stain_negative(probs, stain, cfg.inference.stain_gate)
     proxy = cell_proxy_scores(targets, probs) if len(probs) else {"mAP": None, "mAUC": None}
     metrics = {"val_loss": loss, "val_map": _nan_if_none(proxy["mAP"]), "val_auc": _nan_if_none(proxy["mAUC"]),
                "val_comp_map": scorer(probs) if scorer is not None else math.nan}
