@@ -1,4 +1,4 @@
-"""The default backend: no weights, CPU only, about 0.3 s for a 2048 px image (one core).
+"""The default backend: no weights, CPU only, about 0.17 s for a 2048 px image (one core).
 
 Steps, at a reduced working scale (``cfg.scale``, 0.25 for HPA images: 512 px):
 
