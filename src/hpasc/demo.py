@@ -63,7 +63,9 @@ def budget_epochs(n_images: int, folds: int, epochs: int, model_budget: int = MO
 
 def schedule_epochs(cfg: Config) -> int:
     """Epochs a fold trains over all its rounds: round 0's plus each pseudo-label round's."""
-    return cfg.train.epochs + cfg.pseudo.rounds * (cfg.pseudo.epochs or cfg.train.epochs)
+    from .training.pseudo import round_epochs
+
+    return sum(round_epochs(cfg, r) for r in range(cfg.pseudo.rounds + 1))
 
 
 def budget_schedule(cfg: Config, n_images: int, folds: int, fixed: set[str] = frozenset()) -> Config:
@@ -82,9 +84,11 @@ def budget_schedule(cfg: Config, n_images: int, folds: int, fixed: set[str] = fr
 
 
 def describe_schedule(cfg: Config) -> str:
+    from .training.pseudo import round_epochs
+
     if not cfg.pseudo.rounds:
         return f"{cfg.train.epochs} epochs"
-    later = cfg.pseudo.epochs or cfg.train.epochs
+    later = round_epochs(cfg, 1)
     start = "from the round before" if cfg.pseudo.init == "previous" else "from scratch"
     return (f"{cfg.train.epochs} epochs + {cfg.pseudo.rounds} pseudo-label round(s) of {later} epochs "
             f"({start})")
@@ -243,13 +247,14 @@ def run_demo(work: str | Path, n_train: int = 512, n_test: int = 48, size: int =
             with clock(f"train round {round_} fold {fold}" if cfg.pseudo.rounds else f"train fold {fold}"):
                 run_dirs.append(train_fold(cfg, fold, round_=round_))
     submission = work / "submission.csv"
-    recipe = None
+    recipe, recipe_file = None, None
     if cfg.data.truth_csv:  # cell truth of the training images: the recipe's alpha from out-of-fold cells
+        recipe_file = work / RECIPE_FILE
         with clock("recipe"):
-            recipe = oof_recipe(run_dirs, work / RECIPE_FILE, verbose)
+            recipe = oof_recipe(run_dirs, recipe_file, verbose)
     with clock("predict"):
-        predict(run_dirs, data / "test", sample, submission, weights=recipe and work / RECIPE_FILE,
-                masks_dir=test_masks, seg_cfg=cfg.segmentation)
+        predict(run_dirs, data / "test", sample, submission, weights=recipe_file, masks_dir=test_masks,
+                seg_cfg=cfg.segmentation)
     with clock("validate + score"):
         problems = validate_submission(submission, sample)
     if not truth_csv.is_file():  # a folder without cell truth: the submission is all there is to show

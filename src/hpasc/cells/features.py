@@ -56,7 +56,7 @@ def cell_channel_mean(image: np.ndarray, cells: np.ndarray, channel: str = "gree
     n = int(cells.max()) if cells.size else 0
     plane = np.ascontiguousarray(np.asarray(image)[..., CHANNELS.index(channel)][..., None])
     count, sums, _ = _channel_stats(plane, np.ascontiguousarray(cells, np.int32), n)
-    return (sums[1:, 0] / np.maximum(count[1:], 1)).astype(np.float64)
+    return sums[1:, 0] / np.maximum(count[1:], 1)
 
 
 STAIN_COLUMN = "mean_green"  # the cell table's measure of a cell's protein signal (hpasc.confidence.relative_stain)

@@ -76,6 +76,11 @@ def pseudo_targets(probs: np.ndarray, image_targets: np.ndarray, image_ids, scal
     return out.astype(np.float32)
 
 
+def round_epochs(cfg, round_: int) -> int:
+    """Epochs of round ``round_``: ``train.epochs`` for round 0, ``pseudo.epochs`` (when set) after it."""
+    return cfg.pseudo.epochs if round_ > 0 and cfg.pseudo.epochs is not None else cfg.train.epochs
+
+
 def round_config(cfg, fold: int, round_: int):
     """The config fold ``fold`` of round ``round_`` trains with: ``cfg`` itself for round 0; for a
     later round ``pseudo.epochs`` / ``pseudo.lr`` (when set) as its epochs and learning rate and, with
@@ -85,8 +90,8 @@ def round_config(cfg, fold: int, round_: int):
     if round_ == 0:
         return cfg
     pc, changes = cfg.pseudo, {}
-    if pc.epochs is not None:
-        changes["train.epochs"] = pc.epochs
+    if round_epochs(cfg, round_) != cfg.train.epochs:
+        changes["train.epochs"] = round_epochs(cfg, round_)
     if pc.lr is not None:
         changes["train.lr"] = pc.lr
     if pc.init == "previous":
